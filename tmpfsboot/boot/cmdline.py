@@ -1,0 +1,297 @@
+"""Parse the kernel command line into a BootPlan, and resolve URL substitutions.
+
+Pure functions: reading /proc/cmdline or /run/net-*.conf is the caller's business.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import urllib.parse
+from dataclasses import dataclass, field
+
+from .errors import CmdlineError
+
+# Substitutions a URL may use; %% is a literal %.
+SUBSTITUTIONS = ("hostname", "fqdn", "mac", "ip", "arch", "uuid")
+
+_TOKEN = re.compile(r"%(%|[a-z]+|[0-9A-F]{2})?")
+_SIZE = re.compile(r"(?P<num>[0-9]+)(?P<unit>[kKmMgGtTpPeE%]?)")
+_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
+
+DEFAULT_ROOTSIZE = "50%"
+DEFAULT_TIMEOUT = 60.0
+
+
+class Verify(enum.Enum):
+    """How a layer is verified before the root may boot (as systemd-importd's --verify)."""
+
+    SIGNATURE = "signature"
+    CHECKSUM = "checksum"
+    NO = "no"
+
+    @classmethod
+    def default_for(cls, keyring: str | None) -> Verify:
+        """signature when a keyring is available, else checksum."""
+        return cls.SIGNATURE if keyring else cls.CHECKSUM
+
+    @classmethod
+    def parse(cls, text: str) -> Verify:
+        """The mode named TEXT, or CmdlineError listing the valid ones."""
+        try:
+            return cls(text)
+        except ValueError:
+            valid = "|".join(v.value for v in cls)
+            raise CmdlineError(f"tmpfs.verify={text}: expected {valid}") from None
+
+
+@dataclass(frozen=True)
+class Mirror:
+    """One URL of a layer, possibly holding %substitutions still to resolve."""
+
+    url: str
+    substitutions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One root image; its mirrors are tried in order."""
+
+    mirrors: tuple[Mirror, ...]
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    """What the kernel command line asks of the boot engine."""
+
+    tmpfs: bool
+    layers: tuple[Layer, ...] = ()
+    rootsize: str | None = None
+    verify: Verify | None = None
+    retries: int | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    quiet: bool = False
+    bootif: str | None = None
+    init_args: tuple[str, ...] = field(default=())
+
+    @property
+    def substitutions(self) -> tuple[str, ...]:
+        """Every substitution some URL uses, in order of first appearance."""
+        seen: dict[str, None] = {}
+        for layer in self.layers:
+            for mirror in layer.mirrors:
+                seen.update(dict.fromkeys(mirror.substitutions))
+        return tuple(seen)
+
+    def to_json(self) -> dict[str, object]:
+        """The plan as plain JSON data (what `tmpfsboot cmdline` prints)."""
+        return {
+            "tmpfs": self.tmpfs,
+            "layers": [{"mirrors": [m.url for m in layer.mirrors]} for layer in self.layers],
+            "substitutions": list(self.substitutions),
+            "rootsize": self.rootsize,
+            "verify": self.verify.value if self.verify else None,
+            "retries": self.retries,
+            "timeout": self.timeout,
+            "quiet": self.quiet,
+        }
+
+
+@dataclass(frozen=True)
+class NetFacts:
+    """What the node knows about itself, for URL substitutions."""
+
+    hostname: str | None = None
+    fqdn: str | None = None
+    mac: str | None = None
+    ip: str | None = None
+    arch: str | None = None
+    uuid: str | None = None
+
+    def value(self, name: str) -> str | None:
+        """The value of substitution NAME, or None if unknown."""
+        value: str | None = getattr(self, name)
+        return value
+
+
+def split_cmdline(text: str) -> tuple[list[str], list[str]]:
+    """Split a kernel command line as the kernel does: whitespace, "double quotes".
+
+    Returns (kernel arguments, arguments after `--` that go to init).
+    """
+    args: list[str] = []
+    current: list[str] = []
+    in_token = in_quote = False
+    for ch in text:
+        if ch == '"':
+            in_quote = not in_quote
+            in_token = True
+        elif ch.isspace() and not in_quote:
+            if in_token:
+                args.append("".join(current))
+            current, in_token = [], False
+        else:
+            current.append(ch)
+            in_token = True
+    if in_quote:
+        raise CmdlineError(f"unbalanced double quote in kernel command line: {text.strip()}")
+    if in_token:
+        args.append("".join(current))
+    if "--" in args:
+        i = args.index("--")
+        return args[:i], args[i + 1 :]
+    return args, []
+
+
+def parse_url_template(url: str) -> Mirror:
+    """Check one mirror URL: http(s) scheme, a host, and only known %substitutions."""
+    if not url:
+        raise CmdlineError("root=: empty layer or mirror (two separators in a row?)")
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https"):
+        raise CmdlineError(f"root={url}: only http:// and https:// URLs can be fetched")
+    if not parts.netloc:
+        raise CmdlineError(f"root={url}: the URL names no host")
+    words: list[str] = []
+    for m in _TOKEN.finditer(url):
+        word = m.group(1)
+        if word is None:
+            raise CmdlineError(
+                f"root={url}: lone % at offset {m.start()}; write %% for a literal %"
+            )
+        if word == "%" or re.fullmatch("[0-9A-F]{2}", word):
+            continue
+        if word not in SUBSTITUTIONS:
+            known = ", ".join("%" + s for s in SUBSTITUTIONS)
+            raise CmdlineError(f"root={url}: unknown substitution %{word} (known: {known}, %%)")
+        if word not in words:
+            words.append(word)
+    return Mirror(url=url, substitutions=tuple(words))
+
+
+def parse_root(value: str) -> tuple[Layer, ...]:
+    """Parse what follows `root=`: layers split by `,`, mirrors by `|`."""
+    if not value:
+        raise CmdlineError("root=: no URL given")
+    layers = []
+    for element in value.split(","):
+        if not element:
+            raise CmdlineError(f"root={value}: empty layer (two commas in a row?)")
+        layers.append(Layer(tuple(parse_url_template(u) for u in element.split("|"))))
+    return tuple(layers)
+
+
+def parse_rootsize(text: str) -> str:
+    """Validate a tmpfs size: bytes, a k/m/g/t/p/e suffix (binary), or N% (1-100) of RAM."""
+    m = _SIZE.fullmatch(text)
+    if not m:
+        raise CmdlineError(
+            f"rootsize={text}: expected bytes, a k/m/g suffix (e.g. 4g) or a percentage of RAM "
+            "(e.g. 50%)"
+        )
+    num = int(m.group("num"))
+    if num == 0:
+        raise CmdlineError(f"rootsize={text}: must be more than zero")
+    if m.group("unit") == "%" and num > 100:
+        raise CmdlineError(f"rootsize={text}: more than 100% of RAM")
+    return text
+
+
+def rootsize_bytes(size: str, mem_total: int) -> int:
+    """The byte count of a validated tmpfs SIZE on a machine with MEM_TOTAL bytes of RAM."""
+    m = _SIZE.fullmatch(parse_rootsize(size))
+    assert m is not None
+    num, unit = int(m.group("num")), m.group("unit")
+    if unit == "%":
+        return mem_total * num // 100
+    return num << _UNITS[unit.lower()]
+
+
+def _parse_int(key: str, text: str, *, minimum: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise CmdlineError(f"{key}={text}: expected a whole number") from None
+    if value < minimum:
+        raise CmdlineError(f"{key}={text}: must be at least {minimum}")
+    return value
+
+
+def parse_timeout(text: str, *, key: str = "tmpfs.timeout") -> float:
+    """A positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise CmdlineError(f"{key}={text}: expected a number of seconds") from None
+    if not value > 0 or value == float("inf"):
+        raise CmdlineError(f"{key}={text}: must be a positive number of seconds")
+    return value
+
+
+def parse_cmdline(text: str) -> BootPlan:
+    """Parse a kernel command line into the plan the boot engine follows.
+
+    tmpfs boot is selected by `boot=tmpfs` or by a `root=` whose URL is http(s); any
+    other root= leaves `tmpfs` False (not our boot) and the plan empty.
+    """
+    args, init_args = split_cmdline(text)
+    opts: dict[str, str] = {}
+    flags: set[str] = set()
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        if sep:
+            opts[key] = value  # the last occurrence wins, as in initramfs-tools' /init
+        else:
+            flags.add(key)
+    root = opts.get("root")
+    boot = opts.get("boot")
+    is_url = root is not None and root.split(":", 1)[0] in ("http", "https")
+    if boot == "tmpfs" and not is_url:
+        shown = "nothing" if root is None else root
+        raise CmdlineError(f"boot=tmpfs needs root=http(s)://URL, got root={shown}")
+    if not is_url or (boot is not None and boot != "tmpfs"):
+        return BootPlan(tmpfs=False, init_args=tuple(init_args))
+    assert root is not None
+    rootsize = opts.get("rootsize")
+    verify = opts.get("tmpfs.verify")
+    retries = opts.get("tmpfs.retries")
+    timeout = opts.get("tmpfs.timeout")
+    return BootPlan(
+        tmpfs=True,
+        layers=parse_root(root),
+        rootsize=parse_rootsize(rootsize) if rootsize is not None else None,
+        verify=Verify.parse(verify) if verify is not None else None,
+        retries=_parse_int("tmpfs.retries", retries, minimum=0) if retries is not None else None,
+        timeout=parse_timeout(timeout) if timeout is not None else DEFAULT_TIMEOUT,
+        quiet="quiet" in flags,
+        bootif=opts.get("BOOTIF"),
+        init_args=tuple(init_args),
+    )
+
+
+def resolve_url(mirror: Mirror, facts: NetFacts) -> str:
+    """The mirror's URL with every %substitution replaced; CmdlineError if a fact is unknown.
+
+    Values are percent-quoted so that a hostname cannot add path segments or a query.
+    """
+
+    def replace(m: re.Match[str]) -> str:
+        word = m.group(1)
+        if word == "%":
+            return "%"
+        if word is None or word not in SUBSTITUTIONS:
+            return m.group(0)  # a percent-encoding such as %2F stays as it is
+        value = facts.value(word)
+        if not value:
+            raise CmdlineError(f"{mirror.url}: %{word} is unknown on this node")
+        return urllib.parse.quote(value, safe="-._~:")
+
+    return _TOKEN.sub(replace, mirror.url)
+
+
+def mac_from_bootif(bootif: str) -> str | None:
+    """The MAC address in PXELINUX's BOOTIF=01-aa-bb-cc-dd-ee-ff, as aa-bb-cc-dd-ee-ff."""
+    parts = bootif.lower().split("-")
+    if len(parts) == 7 and all(re.fullmatch("[0-9a-f]{2}", p) for p in parts):
+        return "-".join(parts[1:])
+    return None

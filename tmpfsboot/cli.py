@@ -1,0 +1,146 @@
+"""`tmpfsboot VERB ...`: the host-side command line.
+
+Exit codes: 0 success, 1 failure, 2 bad usage or invalid input. Errors are one line
+naming the cause; tracebacks only with --debug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+from . import __version__
+from .boot.cmdline import NetFacts, Verify, parse_cmdline, parse_root, parse_timeout
+from .boot.engine import DEFAULT_BACKOFF, fetch_root
+from .boot.errors import TmpfsbootError, UsageError
+from .boot.log import EventLog, setup_logging
+
+log = logging.getLogger("tmpfsboot")
+
+# Host modules that add verbs of their own: each defines add_parser(subparsers).
+VERB_MODULES: tuple[str, ...] = ()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports bad usage as UsageError (exit 2, one line)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def cmd_cmdline(args: argparse.Namespace) -> int:
+    """Print the boot plan of a kernel command line as JSON."""
+    if args.text is None:
+        with open("/proc/cmdline", encoding="utf-8") as f:
+            text = f.read()
+    else:
+        text = args.text
+    plan = parse_cmdline(text)
+    json.dump(plan.to_json(), sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Download, verify and extract every layer of ROOT into DIR."""
+    layers = parse_root(args.root)
+    facts = NetFacts(hostname=args.hostname, fqdn=args.fqdn, mac=args.mac, ip=args.ip,
+                     arch=args.arch, uuid=args.uuid)
+    verify = Verify.parse(args.verify) if args.verify else Verify.default_for(args.keyring)
+    events = EventLog(args.log)
+    try:
+        fetch_root(
+            layers,
+            args.dir,
+            facts=facts,
+            verify=verify,
+            keyring=args.keyring,
+            retries=args.retries,
+            timeout=args.timeout,
+            backoff=args.backoff,
+            events=events,
+        )
+    finally:
+        events.close()
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    return parse_timeout(text, key="value")
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="tmpfsboot", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tmpfsboot {__version__}")
+    parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
+    parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    p = sub.add_parser("cmdline", help="parse a kernel command line, print the plan as JSON")
+    p.add_argument("text", nargs="?", help="the command line (default: /proc/cmdline)")
+    p.set_defaults(func=cmd_cmdline)
+
+    p = sub.add_parser("fetch", help="download, verify and extract a root into DIR",
+                       description="Run the boot engine's fetch, verify and extract steps "
+                       "on this host. ROOT is exactly what follows root= on a kernel "
+                       "command line; DIR an existing directory.")
+    p.add_argument("root", metavar="ROOT")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--hostname", help="value of %%hostname")
+    p.add_argument("--fqdn", help="value of %%fqdn")
+    p.add_argument("--mac", help="value of %%mac (aa-bb-cc-dd-ee-ff)")
+    p.add_argument("--ip", help="value of %%ip")
+    p.add_argument("--arch", help="value of %%arch (dpkg architecture)")
+    p.add_argument("--uuid", help="value of %%uuid")
+    p.add_argument("--verify", choices=[v.value for v in Verify],
+                   help="signature, checksum or no (default: signature with --keyring, "
+                   "else checksum)")
+    p.add_argument("--keyring", metavar="FILE", help="gpgv keyring for --verify signature")
+    p.add_argument("--retries", type=_non_negative_int, metavar="N",
+                   help="retries after a failure (default: unlimited)")
+    p.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
+                   help="a connection stalled this long counts as broken (default: 60)")
+    p.add_argument("--backoff", type=_positive_float, default=DEFAULT_BACKOFF, metavar="S",
+                   help=f"first retry delay, doubled each time, jittered "
+                   f"(default: {DEFAULT_BACKOFF:g})")
+    p.add_argument("--log", metavar="FILE", help="append JSON-lines events to FILE")
+    p.set_defaults(func=cmd_fetch)
+
+    for name in VERB_MODULES:
+        importlib.import_module(f"tmpfsboot.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one verb; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    setup_logging(debug=debug, quiet="--quiet" in argv)
+    try:
+        args = build_parser().parse_args(argv)
+        code: int = args.func(args)
+        return code
+    except TmpfsbootError as e:
+        if debug:
+            log.exception("failed")
+        print(f"tmpfsboot: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("tmpfsboot: interrupted", file=sys.stderr)
+        return 130
+    except OSError as e:
+        if debug:
+            log.exception("failed")
+        print(f"tmpfsboot: error: {e}", file=sys.stderr)
+        return 1
