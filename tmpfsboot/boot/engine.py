@@ -1,3 +1,346 @@
-"""Placeholder replaced by the engine commit."""
+"""The boot engine: every layer of a root fetched, verified and extracted, in order.
+
+One layer is one pipeline, all stages at once: a feeder thread reads the socket and
+hashes each chunk on its way into the decompressor (a child program or the standard
+library), and the calling thread extracts the tar stream from the decompressor's pipe.
+The compressed image is never stored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+from .cmdline import Layer, NetFacts, Verify, resolve_url
+from .compression import (
+    MAGIC_SIZE,
+    ChildDecompressor,
+    Compression,
+    InProcessDecompressor,
+    start_decompressor,
+)
+from .errors import (
+    ArchiveError,
+    FetchError,
+    PermanentHTTPError,
+    RestartRoot,
+    SpaceError,
+    TmpfsbootError,
+    UnsafeMemberError,
+    UsageError,
+    VerificationError,
+)
+from .extract import Extractor, ExtractStats, empty_directory
+from .fetch import (
+    Download,
+    DownloadResult,
+    RetryBudget,
+    Wait,
+    fetch_bytes,
+    image_name,
+    sibling_urls,
+)
+from .log import NO_EVENTS, EventLog, format_bytes, phase
+
+log = logging.getLogger("tmpfsboot")
+
+# The first retry waits 10-40 s, as the seed's random 10-39 s; then it doubles.
 DEFAULT_BACKOFF = 10.0
-def fetch_root(*a, **k): raise NotImplementedError
+PIPE_SIZE = 1 << 20
+
+
+@dataclass(frozen=True)
+class LayerSource:
+    """A layer ready to fetch: its resolved mirror URLs and what is known before download."""
+
+    number: int
+    urls: tuple[str, ...]
+    sha256: str | None
+    unpacked_size: int | None
+
+
+def manifest_name(image: str) -> str:
+    """NAME.manifest.json for NAME.tar.zst, NAME.tar, NAME.tgz ..."""
+    for suffix in (".tar.zst", ".tar.xz", ".tar.gz", ".tar.bz2", ".tar", ".tzst", ".txz",
+                   ".tgz", ".tbz2"):
+        if image.endswith(suffix):
+            return image[: -len(suffix)] + ".manifest.json"
+    return image + ".manifest.json"
+
+
+def _fetch_metadata(number: int, urls: list[str], *, verify: Verify, keyring: str | None,
+                    budget: RetryBudget, timeout: float, preflight: bool) -> LayerSource:
+    """SHA256SUMS (and its signature) and the manifest of one layer."""
+    from .verify import check_signature, expected_hash
+
+    sha256 = None
+    candidates = list(urls)
+    while verify is not Verify.NO and sha256 is None:
+        # the SHA256SUMS beside the first mirror that answers, and which lists its image
+        sums_urls = sibling_urls(candidates, "SHA256SUMS")
+        try:
+            sums, sums_url = fetch_bytes(sums_urls, budget=budget, timeout=timeout,
+                                         label="SHA256SUMS")
+        except PermanentHTTPError as e:
+            raise VerificationError(f"no SHA256SUMS for layer {number}: {e}") from e
+        if verify is Verify.SIGNATURE:
+            assert keyring is not None
+            try:
+                signature, _ = fetch_bytes([sums_url + ".gpg"], budget=budget,
+                                           timeout=timeout, label="SHA256SUMS.gpg")
+            except PermanentHTTPError as e:
+                raise VerificationError(f"no signature for {sums_url}: {e}") from e
+            check_signature(sums, signature, keyring=keyring, what=sums_url)
+        image_url = candidates[sums_urls.index(sums_url)] if sums_url in sums_urls else urls[0]
+        try:
+            sha256 = expected_hash(sums.decode("utf-8", "replace"), image_name(image_url),
+                                   sums_url=sums_url)
+        except VerificationError:
+            candidates.remove(image_url)
+            if not candidates:
+                raise
+    unpacked = None
+    if preflight:
+        manifest_urls = sibling_urls(urls, manifest_name(image_name(urls[0])))
+        try:
+            data, _ = fetch_bytes(manifest_urls, budget=budget, timeout=timeout,
+                                  label="manifest")
+            value = json.loads(data).get("unpacked_size")
+            unpacked = int(value) if isinstance(value, int) and value >= 0 else None
+        except PermanentHTTPError:
+            unpacked = None  # no manifest: no preflight for this layer
+        except (ValueError, AttributeError):
+            log.warning("layer %d: ignoring a manifest that is not valid JSON", number)
+    return LayerSource(number=number, urls=tuple(urls), sha256=sha256, unpacked_size=unpacked)
+
+
+def check_space(sources: list[LayerSource], target: str) -> None:
+    """SpaceError, before any download, if the manifests declare more than TARGET holds."""
+    sizes = [s.unpacked_size for s in sources if s.unpacked_size is not None]
+    if not sizes:
+        return
+    st = os.statvfs(target)
+    free = st.f_bavail * st.f_frsize
+    need = sum(sizes)
+    if need > free:
+        raise SpaceError(
+            f"the root needs {need} bytes ({format_bytes(need)}, from the image manifests) "
+            f"but {target} has {free} bytes ({format_bytes(free)}) free; "
+            "raise rootsize= or boot a smaller image"
+        )
+
+
+class _Abort(Exception):
+    """The extractor is gone and nothing needs the rest of the download."""
+
+
+class _LayerPipe:
+    """Download -> sha256 -> decompressor -> pipe, fed from a thread."""
+
+    def __init__(self, source: LayerSource, out_w: int, *, budget: RetryBudget,
+                 timeout: float, label: str) -> None:
+        self.source = source
+        self.out_w = out_w
+        self.download = Download(list(source.urls), budget=budget, timeout=timeout,
+                                 label=label)
+        self.hasher = hashlib.sha256()
+        self.head = bytearray()
+        self.decompressor: ChildDecompressor | InProcessDecompressor | None = None
+        self.compression: Compression | None = None
+        self.broken = False
+        self.result: DownloadResult | None = None
+        self.error: BaseException | None = None
+        self.decompress_error: TmpfsbootError | None = None
+        self.thread = threading.Thread(target=self._run, name="tmpfsboot-feeder", daemon=True)
+
+    def _start(self) -> None:
+        name = image_name(self.source.urls[0])
+        self.compression = Compression.from_magic(bytes(self.head), name=name)
+        dec = start_decompressor(self.compression, self.out_w)
+        self.decompressor = dec
+        if isinstance(dec, ChildDecompressor):
+            os.close(self.out_w)  # the child holds the write end now
+            self.out_w = -1
+        head, self.head = bytes(self.head), bytearray()
+        self._write(head)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        try:
+            assert self.decompressor is not None
+            self.decompressor.write(data)
+        except BrokenPipeError:
+            self.broken = True
+
+    def _sink(self, chunk: memoryview) -> None:
+        self.hasher.update(chunk)
+        if self.broken:
+            if self.source.sha256 is None:
+                raise _Abort()
+            return  # keep hashing: is the image bad, or were its bytes?
+        if self.decompressor is None:
+            self.head += chunk
+            if len(self.head) >= MAGIC_SIZE:
+                self._start()
+            return
+        self._write(chunk)
+
+    def _run(self) -> None:
+        try:
+            self.result = self.download.run(self._sink)
+            if self.decompressor is None:
+                self._start()  # a file smaller than MAGIC_SIZE
+        except _Abort:
+            pass
+        except BaseException as e:  # handed to the extracting thread
+            self.error = e
+        finally:
+            if self.decompressor is not None:
+                try:
+                    self.decompressor.close()
+                except TmpfsbootError as e:
+                    self.decompress_error = e
+                except BrokenPipeError:
+                    self.broken = True
+            if self.out_w >= 0:
+                os.close(self.out_w)
+                self.out_w = -1
+
+def _drain(fd: int) -> None:
+    while os.read(fd, PIPE_SIZE):
+        pass
+
+
+def fetch_layer(source: LayerSource, extractor: Extractor, *, budget: RetryBudget,
+                timeout: float, label: str) -> tuple[ExtractStats, DownloadResult]:
+    """Stream one layer into the extractor; verify its hash once every byte went through.
+
+    Raises VerificationError (a RestartRoot) when the bytes do not match SHA256SUMS,
+    ArchiveError/UnsafeMemberError when the image itself is bad, FetchError when it
+    could not be downloaded.
+    """
+    out_r, out_w = os.pipe()
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(out_r, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    pipe = _LayerPipe(source, out_w, budget=budget, timeout=timeout, label=label)
+    pipe.thread.start()
+    extract_error: TmpfsbootError | None = None
+    stats = ExtractStats()
+    try:
+        stats = extractor.extract(out_r, label=label)
+        _drain(out_r)  # trailing data (pixz's index): let the decompressor finish
+    except TmpfsbootError as e:
+        extract_error = e
+    finally:
+        os.close(out_r)  # an early close stops the decompressor with EPIPE
+        pipe.thread.join()
+    if pipe.error is not None:
+        if isinstance(pipe.error, TmpfsbootError):
+            raise pipe.error
+        raise FetchError(f"{label}: {pipe.error}") from pipe.error
+    error: TmpfsbootError | None = extract_error
+    if pipe.decompress_error is not None and (
+        extract_error is None or type(extract_error) is ArchiveError
+    ):
+        error = pipe.decompress_error
+    actual = pipe.hasher.hexdigest()
+    url = pipe.result.url if pipe.result else source.urls[0]
+    if source.sha256 is not None and actual != source.sha256:
+        raise VerificationError(
+            f"{url}: SHA-256 mismatch: expected {source.sha256}, got {actual}"
+        ) from error
+    if error is not None:
+        if isinstance(error, SpaceError | UnsafeMemberError):
+            raise error
+        raise ArchiveError(f"{url}: {error}") from error
+    assert pipe.result is not None
+    return stats, pipe.result
+
+
+def fetch_root(
+    layers: tuple[Layer, ...],
+    target: str,
+    *,
+    facts: NetFacts,
+    verify: Verify,
+    keyring: str | None,
+    retries: int | None,
+    timeout: float,
+    backoff: float = DEFAULT_BACKOFF,
+    events: EventLog = NO_EVENTS,
+    preflight: bool = True,
+    wait: Wait = time.sleep,
+) -> None:
+    """Fetch, verify and extract every layer into TARGET, in order; later layers win.
+
+    Substitutions are resolved first (an unknown fact fails before any download); then
+    each layer's SHA256SUMS (and signature) and manifest are fetched, the manifests'
+    unpacked sizes checked against TARGET's free space, and the layers streamed in.
+    When a layer fails verification, or a resume is impossible, TARGET is emptied and
+    the whole root fetched again while RETRIES last. When the root fails for good,
+    TARGET is emptied too: a half root is never left behind.
+    """
+    if not layers:
+        raise UsageError("no layers to fetch")
+    if verify is Verify.SIGNATURE and not keyring:
+        raise UsageError("verify=signature needs a keyring (--keyring or TMPFS_KEYRING)")
+    if not os.path.isdir(target):
+        raise UsageError(f"{target}: not a directory")
+    urls = [[resolve_url(m, facts) for m in layer.mirrors] for layer in layers]
+    budget = RetryBudget(retries, backoff, wait)
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            _fetch_once(urls, target, verify=verify, keyring=keyring, budget=budget,
+                        timeout=timeout, events=events, preflight=preflight)
+            break
+        except RestartRoot as e:
+            empty_directory(target)
+            events.write("restart", attempt=attempt, error=str(e))
+            try:
+                budget.fail(e)
+            except FetchError:
+                raise e from None
+        except TmpfsbootError:
+            empty_directory(target)
+            raise
+    elapsed = time.monotonic() - started
+    events.write("root", ok=True, layers=len(urls), seconds=round(elapsed, 3),
+                 retries=budget.used, attempts=attempt)
+    log.info("root ready in %.2f s: %d layer(s), %d retries", elapsed, len(urls), budget.used)
+
+
+def _fetch_once(urls: list[list[str]], target: str, *, verify: Verify, keyring: str | None,
+                budget: RetryBudget, timeout: float, events: EventLog,
+                preflight: bool) -> None:
+    with phase("Fetching checksums and manifests", events):
+        sources = [
+            _fetch_metadata(i, u, verify=verify, keyring=keyring, budget=budget,
+                            timeout=timeout, preflight=preflight)
+            for i, u in enumerate(urls, 1)
+        ]
+    if preflight:
+        check_space(sources, target)
+    extractor = Extractor(target)
+    total = len(sources)
+    for source in sources:
+        label = f"layer {source.number}/{total}"
+        with phase(f"Fetching {label}: {' | '.join(source.urls)}", events,
+                   layer=source.number) as figures:
+            retries_before = budget.used
+            stats, result = fetch_layer(source, extractor, budget=budget, timeout=timeout,
+                                        label=label)
+            figures.update(url=result.url, bytes=result.size, requests=result.requests,
+                           retries=budget.used - retries_before, members=stats.members,
+                           unpacked_bytes=stats.bytes, verified=source.sha256 is not None)
+            log.info("%s: %s in, %d entries, %s unpacked%s", label, format_bytes(result.size),
+                     stats.members, format_bytes(stats.bytes),
+                     ", SHA-256 verified" if source.sha256 else "")

@@ -17,7 +17,9 @@ log = logging.getLogger("tmpfsboot")
 PROGRESS_INTERVAL = 3.0
 
 
-def setup_logging(*, debug: bool = False, quiet: bool = False, stream: IO[str] | None = None) -> None:
+def setup_logging(
+    *, debug: bool = False, quiet: bool = False, stream: IO[str] | None = None
+) -> None:
     """One handler on stderr (the console at boot): `tmpfsboot: message` lines."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(logging.Formatter("tmpfsboot: %(message)s"))
@@ -89,7 +91,9 @@ def phase(name: str, events: EventLog = NO_EVENTS, **fields: Any) -> Iterator[di
 class Progress:
     """Download progress: bytes, percent, rate and ETA, at most every PROGRESS_INTERVAL s."""
 
-    def __init__(self, label: str, total: int | None, *, interval: float = PROGRESS_INTERVAL) -> None:
+    def __init__(
+        self, label: str, total: int | None, *, interval: float = PROGRESS_INTERVAL
+    ) -> None:
         self.label = label
         self.total = total
         self.done = 0
