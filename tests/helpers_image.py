@@ -1,0 +1,229 @@
+"""Test helpers for images: tmpfs mounts, a tree holding every kind of member, a
+metadata snapshot to compare trees entry by entry, and throw-away gpg keys."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+# Mode bits and owners the full tree is built with (checked in the tests).
+SETUID_MODE = 0o4755
+SETGID_MODE = 0o2755
+STICKY_DIR_MODE = 0o1777
+ODD_UID, ODD_GID = 1234, 5678
+CAPABILITY = "cap_net_raw=ep"
+LONG_TARGET = "/usr/lib/" + "a-very-long-symlink-target-" * 4 + "end"
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: Path, *, size: str = "256m") -> Iterator[Path]:
+    """A fresh tmpfs mounted on PATH (created if missing), unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+                    str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
+
+
+def _set_mtime(path: Path, ns: int) -> None:
+    os.utime(path, ns=(ns, ns), follow_symlinks=False)
+
+
+def make_full_tree(root: Path) -> None:
+    """Fill ROOT (an empty directory, ideally on tmpfs) with every kind of tar member:
+    setuid/setgid/sticky, numeric owners, capability, trusted.* and user.* xattrs, ACLs,
+    hard links, symlinks absolute/relative/dangling/long, char and block devices, a FIFO,
+    odd mtimes, odd names."""
+    os.chmod(root, 0o755)
+    for d in ("etc", "usr/bin", "usr/lib", "srv/shared", "srv/acl", "var/spool", "dev"):
+        (root / d).mkdir(parents=True)
+    (root / "etc/hostname").write_text("node\n")
+    (root / "etc/empty").write_bytes(b"")
+    (root / "usr/lib/blob.bin").write_bytes(os.urandom(300_000))
+    (root / "usr/lib/text.txt").write_text("hello tmpfs\n" * 1000)
+    # Owners first: chown clears setuid bits and capabilities.
+    for name, mode in (("usr/bin/suid", SETUID_MODE), ("usr/bin/sgid", SETGID_MODE),
+                       ("usr/bin/ping", 0o755)):
+        (root / name).write_bytes(b"\x7fELF fake " + name.encode())
+        os.chmod(root / name, mode)
+    owned = root / "srv/owned"
+    owned.write_text("owned by 1234:5678\n")
+    os.chown(owned, ODD_UID, ODD_GID)
+    os.chown(root / "srv/shared", ODD_UID + 1, ODD_GID + 1)
+    os.chmod(root / "srv/shared", 0o2775)
+    (root / "tmp").mkdir()
+    os.chmod(root / "tmp", STICKY_DIR_MODE)
+    setcap = shutil.which("setcap")
+    assert setcap, "setcap (libcap2-bin) is needed to make a capability"
+    subprocess.run([setcap, CAPABILITY, str(root / "usr/bin/ping")], check=True)
+    os.setxattr(root / "etc/hostname", "trusted.tmpfsboot", b"trusted value")
+    os.setxattr(root / "etc/hostname", "user.tmpfsboot", b"user value \x00\xff")
+    # ACLs: an access ACL on a file, access + default ACLs on a directory.
+    acl_file = root / "srv/acl/file"
+    acl_file.write_text("acl\n")
+    subprocess.run(["setfacl", "-m", f"u:{ODD_UID}:rw-,g:{ODD_GID}:r--", str(acl_file)],
+                   check=True)
+    subprocess.run(["setfacl", "-m", f"u:{ODD_UID}:rwx", "-d", "-m", f"g:{ODD_GID}:r-x",
+                    str(root / "srv/acl")], check=True)
+    # Hard links: three names of one inode across directories, and a second pair.
+    os.link(root / "usr/lib/text.txt", root / "etc/text-link")
+    os.link(root / "usr/lib/text.txt", root / "srv/text-link2")
+    os.link(root / "usr/bin/suid", root / "usr/bin/suid-link")
+    # Symlinks.
+    os.symlink("/etc/hostname", root / "etc/abs-link")
+    os.symlink("../etc/hostname", root / "usr/rel-link")
+    os.symlink("/nonexistent/target", root / "etc/dangling")
+    os.symlink(LONG_TARGET, root / "usr/long-link")
+    os.symlink("usr/bin", root / "bin")
+    # Device nodes and a FIFO.
+    os.mknod(root / "dev/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(root / "dev/loop9", 0o660 | stat.S_IFBLK, os.makedev(7, 9))
+    os.chown(root / "dev/loop9", 0, 6)
+    os.mkfifo(root / "var/spool/fifo")
+    # The umask trims mknod's and mkfifo's modes: set them as meant.
+    for name, mode in (("dev/null", 0o666), ("dev/loop9", 0o660), ("var/spool/fifo", 0o620)):
+        os.chmod(root / name, mode)
+    # Odd names: spaces, UTF-8, and a path longer than ustar's 100 bytes.
+    (root / "srv/name with spaces é").write_text("odd\n")
+    deep = root / "srv" / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    (deep / ("f" * 80)).write_text("deep\n")
+    # Odd mtimes last (writing into a directory changes its mtime): before the epoch,
+    # nanoseconds, far future.
+    _set_mtime(root / "etc/hostname", -86_400 * 365 * 10 * 10**9)
+    _set_mtime(root / "usr/lib/blob.bin", 1_234_567_890_123_456_789)
+    _set_mtime(root / "srv/owned", 4_102_444_800 * 10**9)
+    _set_mtime(root / "etc/abs-link", 1_000_000_000 * 10**9)
+    _set_mtime(root / "var/spool/fifo", 1 * 10**9)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One entry's metadata as a root's user sees it."""
+
+    kind: str
+    mode: int
+    uid: int
+    gid: int
+    size: int | None
+    sha256: str | None
+    target: str | None
+    rdev: int | None
+    mtime_ns: int | None
+    xattrs: tuple[tuple[str, bytes], ...]
+    acl: str
+    links: tuple[str, ...]
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISREG, "file"), (stat.S_ISDIR, "dir"), (stat.S_ISLNK, "link"),
+                       (stat.S_ISCHR, "char"), (stat.S_ISBLK, "block"),
+                       (stat.S_ISFIFO, "fifo"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "unknown"
+
+
+def _acl_text(path: Path) -> str:
+    out = subprocess.run(["getfacl", "--absolute-names", "--omit-header", "--numeric",
+                          "--physical", str(path)], check=True, capture_output=True)
+    return out.stdout.decode()
+
+
+def snapshot_tree(root: Path) -> dict[str, Entry]:
+    """Every entry under ROOT (ROOT itself as '.') with its metadata, for comparison."""
+    paths = [root]
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            paths.append(Path(dirpath) / name)
+    inodes: dict[int, list[str]] = {}
+    stats: dict[str, os.stat_result] = {}
+    for p in paths:
+        rel = "." if p == root else str(p.relative_to(root))
+        st = os.lstat(p)
+        stats[rel] = st
+        if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+            inodes.setdefault(st.st_ino, []).append(rel)
+    result: dict[str, Entry] = {}
+    for rel, st in stats.items():
+        p = root / rel
+        kind = _kind(st.st_mode)
+        digest = None
+        if kind == "file":
+            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        xattrs = tuple(sorted(
+            (name, os.getxattr(p, name, follow_symlinks=False))
+            for name in os.listxattr(p, follow_symlinks=False)))
+        result[rel] = Entry(
+            kind=kind,
+            mode=stat.S_IMODE(st.st_mode),
+            uid=st.st_uid,
+            gid=st.st_gid,
+            size=st.st_size if kind == "file" else None,
+            sha256=digest,
+            target=os.readlink(p) if kind == "link" else None,
+            rdev=st.st_rdev if kind in ("char", "block") else None,
+            mtime_ns=None if kind == "dir" else st.st_mtime_ns,
+            xattrs=xattrs,
+            acl="" if kind == "link" else _acl_text(p),
+            links=tuple(sorted(inodes.get(st.st_ino, []))) if kind == "file" else (),
+        )
+    return result
+
+
+def diff_trees(want: dict[str, Entry], got: dict[str, Entry]) -> list[str]:
+    """Human-readable differences between two snapshots (empty when equal)."""
+    problems = [f"missing: {p}" for p in sorted(want.keys() - got.keys())]
+    problems += [f"extra: {p}" for p in sorted(got.keys() - want.keys())]
+    for p in sorted(want.keys() & got.keys()):
+        a, b = want[p], got[p]
+        for field in a.__dataclass_fields__:
+            va, vb = getattr(a, field), getattr(b, field)
+            if va != vb:
+                problems.append(f"{p}: {field}: want {va!r}, got {vb!r}")
+    return problems
+
+
+@dataclass(frozen=True)
+class GpgKey:
+    """A throw-away signing key: its home, fingerprint and an exported keyring."""
+
+    homedir: Path
+    fingerprint: str
+    keyring: Path
+
+
+@contextlib.contextmanager
+def throwaway_gpg_key() -> Iterator[GpgKey]:
+    """A fresh ed25519 signing key in a private GNUPGHOME (short path: gpg-agent's
+    socket name must fit in sun_path), removed with its agent afterwards."""
+    home = Path(tempfile.mkdtemp(prefix="tbgpg", dir="/tmp"))
+    os.chmod(home, 0o700)
+    env = {**os.environ, "GNUPGHOME": str(home)}
+    try:
+        subprocess.run(["gpg", "--batch", "--homedir", str(home), "--passphrase", "",
+                        "--quick-gen-key", "tmpfsboot test <test@example.invalid>",
+                        "ed25519", "sign", "never"], check=True, capture_output=True, env=env)
+        out = subprocess.run(["gpg", "--batch", "--homedir", str(home), "--with-colons",
+                              "--list-secret-keys"], check=True, capture_output=True,
+                             env=env).stdout.decode()
+        fpr = next(line.split(":")[9] for line in out.splitlines() if line.startswith("fpr:"))
+        keyring = home / "pubring-export.gpg"
+        exported = subprocess.run(["gpg", "--batch", "--homedir", str(home), "--export",
+                                   fpr], check=True, capture_output=True, env=env).stdout
+        keyring.write_bytes(exported)
+        yield GpgKey(home, fpr, keyring)
+    finally:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
+                       check=False, capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
