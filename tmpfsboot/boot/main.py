@@ -1,0 +1,290 @@
+"""The boot-time entry point: what initramfs-tools' `scripts/tmpfs` runs, one step at a time.
+
+Started as ``python3.11 -I -S -m tmpfsboot.boot.main STEP ROOTMNT`` by the boot script:
+
+- ``mount ROOTMNT``: after networking. Reads /proc/cmdline, writes /etc/resolv.conf,
+  /etc/hostname and /etc/hosts of the initramfs from /run/net-*.conf (so DNS and
+  ``%fqdn`` work), checks ``rootsize=`` (default: ``ROOTSIZE`` from the initramfs
+  config) and mounts the empty tmpfs root.
+- ``fetch ROOTMNT``: after the tmpfs-premount hooks. Gathers the node's facts, downloads,
+  verifies and extracts every layer (``engine.fetch_root``), then writes resolv.conf,
+  hostname and hosts into the new root where the image brought none.
+
+On failure a step prints one line, leaves it in /run/tmpfsboot/error for the boot script
+to hand to initramfs-tools' ``panic``, and exits 1. Standard library only.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from .cmdline import (
+    DEFAULT_ROOTSIZE,
+    BootPlan,
+    NetFacts,
+    Verify,
+    mac_from_bootif,
+    parse_cmdline,
+    parse_rootsize,
+)
+from .errors import CmdlineError, TmpfsbootError, UsageError
+from .log import EventLog, phase, setup_logging
+from .netconf import NetConf, parse_net_conf, render_hostname, render_hosts, render_resolv_conf
+from .run import run
+
+log = logging.getLogger("tmpfsboot")
+
+# Where the initramfs hook puts TMPFS_KEYRING, under /etc.
+KEYRING_NAME = "tmpfsboot/keyring.gpg"
+# Directories /init needs in the new root to move /dev, /proc, /sys and /run into.
+MOUNT_POINTS = ("dev", "proc", "sys", "run")
+
+
+@dataclass(frozen=True)
+class Node:
+    """Where the boot runs: file locations, so tests can point them into a scratch tree."""
+
+    etc: str = "/etc"
+    run: str = "/run"
+    sys: str = "/sys"
+    cmdline: str = "/proc/cmdline"
+
+
+def read_text(path: str) -> str | None:
+    """The contents of PATH, or None if it cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def read_plan(node: Node) -> BootPlan:
+    """The boot plan of this node's kernel command line; UsageError if it is not a tmpfs boot."""
+    text = read_text(node.cmdline)
+    if text is None:
+        raise UsageError(f"{node.cmdline}: cannot read the kernel command line")
+    plan = parse_cmdline(text)
+    if not plan.tmpfs:
+        raise CmdlineError("no root=http(s)://URL on the kernel command line: not a tmpfs boot")
+    return plan
+
+
+def read_net_conf(node: Node, device: str | None = None) -> NetConf:
+    """The /run/net-DEVICE.conf of the boot interface (else the first one); empty if none."""
+    paths = sorted(glob.glob(f"{node.run}/net-*.conf"))
+    preferred = f"{node.run}/net-{device}.conf" if device else None
+    if preferred in paths:
+        paths.insert(0, preferred)
+    for path in paths:
+        text = read_text(path)
+        if text is not None:
+            return parse_net_conf(text)
+    return NetConf()
+
+
+def write_file(path: str, text: str, *, replace: bool = True) -> bool:
+    """Write TEXT to PATH atomically; replace=False keeps an existing file. True if written."""
+    if not replace and os.path.lexists(path):
+        return False
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmpfsboot"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return True
+
+
+def write_identity(etc: str, conf: NetConf, *, fqdn: str | None = None, replace: bool) -> list[str]:
+    """Write resolv.conf, hostname and hosts under ETC from CONF; returns the names written.
+
+    With replace=False (the new root) a file the image brought is left alone.
+    """
+    written = []
+    for name, text in (
+        ("resolv.conf", render_resolv_conf(conf)),
+        ("hostname", render_hostname(conf)),
+        ("hosts", render_hosts(conf, fqdn=fqdn)),
+    ):
+        if text is not None and write_file(os.path.join(etc, name), text, replace=replace):
+            written.append(name)
+    return written
+
+
+def choose_rootsize(plan: BootPlan, configured: str | None) -> str:
+    """rootsize= from the command line, else ROOTSIZE from the initramfs config, else 50%."""
+    if plan.rootsize is not None:
+        return plan.rootsize
+    if configured:
+        try:
+            return parse_rootsize(configured)
+        except CmdlineError as e:
+            raise CmdlineError(f"ROOTSIZE (initramfs config): {e}") from None
+    return DEFAULT_ROOTSIZE
+
+
+def lookup_fqdn(
+    address: str,
+    *,
+    retries: int | None,
+    sleep: Callable[[float], None] = time.sleep,
+    resolve: Callable[[str], str] = lambda a: socket.gethostbyaddr(a)[0],
+) -> str:
+    """The FQDN of ADDRESS by reverse DNS, retried after a random 10-39 s as the seed does.
+
+    Gives up after RETRIES retries (None: never), naming the address.
+    """
+    attempt = 0
+    while True:
+        try:
+            name = resolve(address)
+            if "." in name:
+                return name
+            problem = f"reverse DNS names it {name!r}, not a fully qualified name"
+        except OSError as e:
+            problem = str(e) or type(e).__name__
+        if retries is not None and attempt >= retries:
+            raise TmpfsbootError(f"cannot determine the FQDN of {address}: {problem}")
+        attempt += 1
+        delay = random.uniform(10, 40)
+        log.warning("FQDN of %s: %s; retry %d in %.0f s", address, problem, attempt, delay)
+        sleep(delay)
+
+
+def gather_facts(plan: BootPlan, conf: NetConf, node: Node, env: dict[str, str]) -> NetFacts:
+    """The node's facts for URL substitutions; the FQDN is looked up only if a URL uses it."""
+    hostname = conf.short_hostname
+    if not hostname:
+        kernel_name = socket.gethostname()
+        if kernel_name and kernel_name not in ("(none)", "localhost"):
+            hostname = kernel_name.split(".", 1)[0]
+    fqdn = conf.fqdn
+    if fqdn is None and "fqdn" in plan.substitutions:
+        if not conf.address:
+            raise TmpfsbootError("%fqdn: DHCP gave no domain and the node has no address")
+        fqdn = lookup_fqdn(conf.address, retries=plan.retries)
+    mac = mac_from_bootif(plan.bootif) if plan.bootif else None
+    if mac is None and conf.device:
+        address = read_text(f"{node.sys}/class/net/{conf.device}/address")
+        mac = address.strip().replace(":", "-").lower() if address else None
+    uuid = read_text(f"{node.sys}/class/dmi/id/product_uuid")
+    return NetFacts(
+        hostname=hostname,
+        fqdn=fqdn,
+        mac=mac,
+        ip=conf.address,
+        arch=env.get("DPKG_ARCH") or None,
+        uuid=uuid.strip().lower() if uuid else None,
+    )
+
+
+def step_mount(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) -> None:
+    """Write the initramfs' network files, then mount the empty tmpfs root on ROOTMNT."""
+    plan = read_plan(node)
+    conf = read_net_conf(node, env.get("DEVICE"))
+    written = write_identity(node.etc, conf, replace=True)
+    if written:
+        log.info("Network: %s, wrote /etc/%s", conf.address or "no address",
+                 ", /etc/".join(written))
+    name = conf.short_hostname
+    if name and socket.gethostname() != name:
+        socket.sethostname(name)
+    size = choose_rootsize(plan, env.get("ROOTSIZE"))
+    with phase(f"Mounting tmpfs root on {rootmnt} (size={size})", events, size=size):
+        run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", rootmnt])
+
+
+def step_fetch(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) -> None:
+    """Fetch, verify and extract every layer into ROOTMNT, then complete the new root's /etc."""
+    plan = read_plan(node)
+    conf = read_net_conf(node, env.get("DEVICE"))
+    facts = gather_facts(plan, conf, node, env)
+    path = os.path.join(node.etc, KEYRING_NAME)
+    keyring = path if os.path.exists(path) else None
+    verify = plan.verify or Verify.default_for(keyring)
+    from .engine import fetch_root  # the engine's imports are the big part of start-up
+
+    fetch_root(plan.layers, rootmnt, facts=facts, verify=verify, keyring=keyring,
+               retries=plan.retries, timeout=plan.timeout, events=events)
+    finish_root(rootmnt, conf, facts)
+
+
+def finish_root(rootmnt: str, conf: NetConf, facts: NetFacts) -> None:
+    """Give the new root what booting needs and the image lacks: mount points and /etc files."""
+    for name in MOUNT_POINTS:
+        os.makedirs(os.path.join(rootmnt, name), mode=0o755, exist_ok=True)
+    written = write_identity(os.path.join(rootmnt, "etc"), conf, fqdn=facts.fqdn, replace=False)
+    if written:
+        log.info("New root: wrote /etc/%s", ", /etc/".join(written))
+
+
+STEPS = {"mount": step_mount, "fetch": step_fetch}
+
+
+def uptime() -> float | None:
+    """Seconds since the kernel started, or None."""
+    text = read_text("/proc/uptime")
+    try:
+        return float(text.split()[0]) if text else None
+    except ValueError:
+        return None
+
+
+def python_start_seconds(env: dict[str, str]) -> float | None:
+    """Seconds from the boot script starting Python (TMPFSBOOT_T0, an uptime) until now."""
+    now, started = uptime(), env.get("TMPFSBOOT_T0")
+    try:
+        return round(now - float(started), 3) if now is not None and started else None
+    except ValueError:
+        return None
+
+
+def describe_start(env: dict[str, str]) -> str:
+    """The first console line: the interpreter and how long it took to get here."""
+    line = f"tmpfsboot on Python {sys.version.split()[0]}"
+    seconds = python_start_seconds(env)
+    return line if seconds is None else f"{line}, started in {seconds:.2f} s"
+
+
+def main(argv: Sequence[str] | None = None, *, node: Node = Node()) -> int:
+    """Run one boot step. On failure: its one-line message in /run/tmpfsboot/error, return 1."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    env = dict(os.environ)
+    quiet = "quiet" in (read_text(node.cmdline) or "").split()
+    setup_logging(quiet=quiet, debug=env.get("TMPFSBOOT_DEBUG") == "1")
+    state = os.path.join(node.run, "tmpfsboot")
+    if len(args) != 2 or args[0] not in STEPS:
+        print(f"usage: main.py {{{'|'.join(STEPS)}}} ROOTMNT", file=sys.stderr)
+        return 2
+    step, rootmnt = args
+    os.makedirs(state, exist_ok=True)
+    events = EventLog(os.path.join(state, "boot.jsonl"))
+    try:
+        log.info("%s: %s", describe_start(env), step)
+        events.write("start", step=step, python_start_seconds=python_start_seconds(env))
+        STEPS[step](rootmnt, node, env, events)
+        return 0
+    except Exception as e:
+        if not isinstance(e, (TmpfsbootError, OSError)):
+            traceback.print_exc()  # a bug: keep the evidence on the console
+            e = TmpfsbootError(f"internal error: {type(e).__name__}: {e}")
+        message = f"tmpfsboot: {e}"
+        events.write("error", step=step, message=str(e))
+        write_file(os.path.join(state, "error"), message + "\n")
+        print(message, file=sys.stderr)
+        return 1
+    finally:
+        events.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
