@@ -22,7 +22,7 @@ from .boot.log import EventLog, setup_logging
 log = logging.getLogger("tmpfsboot")
 
 # Host modules that add verbs of their own: each defines add_parser(subparsers).
-VERB_MODULES: tuple[str, ...] = ("image", "serve", "initramfs")
+VERB_MODULES: tuple[str, ...] = ("image", "serve", "initramfs", "demo")
 
 
 class ArgumentParser(argparse.ArgumentParser):
