@@ -171,12 +171,12 @@ def parse_range(header: str | None, size: int) -> ByteRange | None:
             raise UnsatisfiableRange(header)
         return ByteRange(max(size - suffix, 0), size - 1, size)
     start = int(first)
-    end = int(last) if last else size - 1
-    if end < start:
+    if last and int(last) < start:
         return None
     if start >= size:
         raise UnsatisfiableRange(header)
-    return ByteRange(start, min(end, size - 1), size)
+    end = min(int(last), size - 1) if last else size - 1
+    return ByteRange(start, end, size)
 
 
 def make_etag(st: os.stat_result) -> str:
@@ -550,7 +550,8 @@ def start_server(root: Path, *, bind: str = "127.0.0.1", port: int = 0, max_stre
         listener = socket.create_server((bind, port), family=family,
                                         backlog=LISTEN_BACKLOG)
     except OSError as e:
-        raise TmpfsbootError(f"cannot listen on {bind}:{port}: {e.strerror}") from e
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        raise TmpfsbootError(f"cannot listen on {bind}:{port}: {reason}") from e
     listener.setblocking(False)
     server = ImageServer(root, listener, max_streams=max_streams, retry_after=retry_after,
                          access_log=access_log, timeout=timeout)
