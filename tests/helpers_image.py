@@ -24,10 +24,10 @@ LONG_TARGET = "/usr/lib/" + "a-very-long-symlink-target-" * 4 + "end"
 
 
 @contextlib.contextmanager
-def mounted_tmpfs(path: Path, *, size: str = "256m") -> Iterator[Path]:
+def mounted_tmpfs(path: Path, *, size: str = "256m", mode: str = "0755") -> Iterator[Path]:
     """A fresh tmpfs mounted on PATH (created if missing), unmounted afterwards."""
     path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode}", "tmpfs",
                     str(path)], check=True)
     try:
         yield path

@@ -395,3 +395,31 @@ def test_debootstrap_failure_names_it_and_removes_scratch_root(
     assert code == 1
     assert "debootstrap" in capsys.readouterr().err
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.integration
+def test_layer_leaves_the_root_directory_alone(tmp_path: Path) -> None:
+    # A per-host tree is typically a mktemp -d directory (0700): a node's / must not
+    # become 0700 because a layer was built from one.
+    host = tmp_path / "host"
+    host.mkdir(mode=0o700)
+    for name in ("-dash", "etc", "B-upper"):
+        (host / name).mkdir()
+    (host / "etc/hostname").write_text("node1\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert cli.main(["image", "layer", "--from", str(host), "--output", str(out),
+                     "--name", "host1"]) == 0
+    names = [m.name for m in tar_members(out / "host1.tar.zst")]
+    assert names == ["-dash", "B-upper", "etc", "etc/hostname"]
+    manifest = json.loads((out / "host1.manifest.json").read_text())
+    assert manifest["entries"] == 4
+    assert manifest["unpacked_size"] == 3 * PAGE + PAGE
+
+
+@pytest.mark.integration
+def test_empty_layer_is_a_valid_empty_archive(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    image = build_image(tmp_path / "empty", tmp_path, "nothing", include_root=False)
+    assert tar_members(image) == []
+    assert json.loads((tmp_path / "nothing.manifest.json").read_text())["entries"] == 0

@@ -174,12 +174,12 @@ def page_round(n: int) -> int:
     return -(-n // PAGE) * PAGE
 
 
-def measure_tree(src: Path) -> TreeFigures:
+def measure_tree(src: Path, *, include_root: bool = True) -> TreeFigures:
     """Size a tmpfs needs for SRC and how many tar members it makes.
 
     Counts what GNU tar archives: every entry of SRC's file system but sockets (tar skips
-    them), the root included. Regular files are counted once per inode, as hard links
-    share their pages.
+    them), the root itself with INCLUDE_ROOT. Regular files are counted once per inode,
+    as hard links share their pages.
     """
     root_dev = os.lstat(src).st_dev
     seen: set[int] = set()
@@ -213,7 +213,8 @@ def measure_tree(src: Path) -> TreeFigures:
             if stat.S_ISDIR(st.st_mode) and st.st_dev == root_dev:
                 walk(entry.path)
 
-    account(os.lstat(src), str(src))
+    if include_root:
+        account(os.lstat(src), str(src))
     walk(str(src))
     return TreeFigures(unpacked_size=size, entries=entries, content_bytes=content)
 
@@ -315,8 +316,19 @@ def pump(src: IO[bytes], dst: IO[bytes], progress: Progress) -> None:
             dst.close()
 
 
+def tar_operands(src: Path, *, include_root: bool) -> list[str]:
+    """What tar archives from `-C SRC`: `.` (the root and all below it), or each top-level
+    entry in the byte order --sort=name uses below them. The ./ prefix keeps a name
+    starting with - from reading as an option; the transform strips it."""
+    if include_root:
+        return ["."]
+    names = sorted(os.listdir(src), key=os.fsencode)
+    return [f"./{n}" for n in names]
+
+
 def write_tarball(src: Path, out: IO[bytes], compression: Compression, *,
-                  level: int | None, figures: TreeFigures, label: str) -> str:
+                  level: int | None, figures: TreeFigures, label: str,
+                  include_root: bool = True) -> str:
     """Stream SRC as a compressed tarball into OUT; returns its sha256 hex digest.
 
     tar -> (Python, counting progress) -> compressor -> (Python, hashing) -> OUT. Every
@@ -331,7 +343,10 @@ def write_tarball(src: Path, out: IO[bytes], compression: Compression, *,
     digest = hashlib.sha256()
     # tar's stderr goes to ours: its warnings are for the operator, and a pipe nobody
     # reads until the end could fill up and stall the build.
-    tar = spawn(["tar", "-c", "-f", "-", *TAR_OPTIONS, "-C", str(src), "."],
+    operands = tar_operands(src, include_root=include_root)
+    # An empty layer is still a valid (empty) archive, which tar makes from no list.
+    selection = ["--", *operands] if operands else ["--files-from=/dev/null"]
+    tar = spawn(["tar", "-c", "-f", "-", *TAR_OPTIONS, "-C", str(src), *selection],
                 stdout=subprocess.PIPE)
     comp = spawn(compress_argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE)
@@ -366,8 +381,12 @@ def write_tarball(src: Path, out: IO[bytes], compression: Compression, *,
 
 def build_image(src: Path, outdir: Path, name: str, *, compression: str = "zstd",
                 sign: str | None = None, gpg_homedir: Path | None = None,
-                level: int | None = None) -> Path:
+                level: int | None = None, include_root: bool = True) -> Path:
     """Build OUTDIR/NAME.tar.<zst|xz|gz> from the tree SRC; returns the image's path.
+
+    With INCLUDE_ROOT (a root image) the archive's first member is `./`, SRC itself, whose
+    mode and owner become the node's /. A layer (INCLUDE_ROOT false) leaves / as the
+    layers below made it: it is often built from a scratch directory with mode 0700.
 
     Also writes OUTDIR/NAME.manifest.json, sets the image's line in OUTDIR/SHA256SUMS
     (other images' lines are kept) and, with SIGN (a gpg key id), re-signs SHA256SUMS as
@@ -385,7 +404,7 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str = "zstd"
     file = name + comp.suffix
     image = outdir / file
     with phase(f"Measuring {src}"):
-        figures = measure_tree(src)
+        figures = measure_tree(src, include_root=include_root)
     log.info("%s: %d entries, %s unpacked", src, figures.entries,
              format_bytes(figures.unpacked_size))
     fd, tmp_name = tempfile.mkstemp(dir=outdir, prefix=f".{file}.", suffix=".tmp")
@@ -394,7 +413,7 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str = "zstd"
         with phase(f"Writing {image} ({comp.value})") as figs, os.fdopen(fd, "wb") as out:
             try:
                 sha256 = write_tarball(src, out, comp, level=level, figures=figures,
-                                       label=f"Archiving {src}")
+                                       label=f"Archiving {src}", include_root=include_root)
                 out.flush()
                 os.fsync(out.fileno())
             except OSError as e:
@@ -505,7 +524,8 @@ def cmd_image_build(args: argparse.Namespace) -> int:
                 args, "mirror", None):
             raise UsageError("--variant, --include and --mirror go with --debootstrap")
         build_image(Path(args.source), outdir, args.name, compression=args.compression,
-                    sign=args.sign, gpg_homedir=gpg_homedir, level=args.level)
+                    sign=args.sign, gpg_homedir=gpg_homedir, level=args.level,
+                    include_root=args.include_root)
     return 0
 
 
@@ -538,9 +558,11 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--include", metavar="PKGS", help="debootstrap --include (comma-separated)")
     p.add_argument("--mirror", metavar="URL", help="debootstrap mirror")
     _add_output_options(p)
+    p.set_defaults(include_root=True)
 
     p = verbs.add_parser("layer", help="build a small layer (e.g. per host) from a directory",
                          description="Build a layer image from a small tree of files: the "
                          "same outputs as `image build`.")
     p.add_argument("--from", dest="source", metavar="DIR", required=True, help="the tree")
     _add_output_options(p)
+    p.set_defaults(include_root=False)
