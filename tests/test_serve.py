@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import hashlib
 import logging
@@ -382,3 +383,26 @@ def test_serve_verb_serves_until_sigterm(image_dir: Path) -> None:
 def test_start_server_refuses_a_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="missing"):
         start_server(tmp_path / "missing")
+
+
+@pytest.mark.integration
+def test_client_trickling_its_request_is_dropped_at_the_timeout(image_dir: Path) -> None:
+    with start_server(image_dir, timeout=0.5, access_log=False) as srv, \
+            socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+        started = time.monotonic()
+        answer = b""
+        for _ in range(30):
+            with contextlib.suppress(BlockingIOError):
+                answer = s.recv(65536, socket.MSG_DONTWAIT)
+            if answer:
+                break
+            try:
+                s.sendall(b"X")
+            except OSError:
+                break  # reset by the server after its answer
+            time.sleep(0.1)
+        elapsed = time.monotonic() - started
+        # Dropped at the 0.5 s deadline although a byte came every 0.1 s.
+        assert elapsed < 1.5
+        assert answer.startswith(b"HTTP/1.1 408") or answer == b""
+        assert srv.requests[-1:] in ([], [("-", "-", 408)])

@@ -301,7 +301,10 @@ class ImageServer:
         self.stop()
 
     def _run(self) -> None:
-        asyncio.run(self._main())
+        try:
+            asyncio.run(self._main())
+        finally:
+            self._ready.set()  # never leave start() waiting
 
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -349,12 +352,20 @@ class ImageServer:
                     return
         except (ConnectionError, TimeoutError, OSError):
             pass  # the client went away or stalled: nothing to answer
+        except Exception:
+            # A bug must cost one connection, never the server.
+            log.exception("%s: internal error", client)
         finally:
             conn.close()
 
     async def _read_head(self, conn: socket.socket, buf: bytes) -> tuple[bytes | None, bytes]:
-        """The next request head on CONN (None at a clean end of connection)."""
+        """The next request head on CONN (None at a clean end of connection).
+
+        The whole head must arrive within `timeout`: a client sending a byte now and then
+        cannot hold a connection for ever.
+        """
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         while True:
             end = buf.find(b"\r\n\r\n")
             if end >= 0:
@@ -362,7 +373,8 @@ class ImageServer:
             if len(buf) > MAX_HEAD:
                 raise HTTPError(431, close=True)
             try:
-                chunk = await asyncio.wait_for(loop.sock_recv(conn, 65536), self.timeout)
+                chunk = await asyncio.wait_for(loop.sock_recv(conn, 65536),
+                                               max(deadline - loop.time(), 0))
             except TimeoutError:
                 if buf:
                     raise HTTPError(408, close=True) from None
