@@ -6,6 +6,7 @@ import json
 import os
 import stat
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -423,3 +424,52 @@ def test_empty_layer_is_a_valid_empty_archive(tmp_path: Path) -> None:
     image = build_image(tmp_path / "empty", tmp_path, "nothing", include_root=False)
     assert tar_members(image) == []
     assert json.loads((tmp_path / "nothing.manifest.json").read_text())["entries"] == 0
+
+
+FAKE_DEBOOTSTRAP = """#!{python}
+# Stands in for debootstrap (no Debian mirror is reachable from tests): records its
+# arguments, makes a tiny root, and leaves a file system mounted in it, as a failed or
+# interrupted debootstrap can leave /proc.
+import json, os, subprocess, sys
+args = sys.argv[1:]
+target = [a for a in args if not a.startswith("--")][1]
+with open({record!r}, "w") as f:
+    json.dump(args, f)
+os.makedirs(os.path.join(target, "etc"))
+with open(os.path.join(target, "etc/os-release"), "w") as f:
+    f.write("ID=debian\\n")
+os.makedirs(os.path.join(target, "proc"))
+subprocess.run(["mount", "-t", "tmpfs", "leftover", os.path.join(target, "proc")], check=True)
+with open(os.path.join(target, "proc/leftover"), "w") as f:
+    f.write("must survive and not be archived\\n")
+"""
+
+
+@pytest.mark.integration
+def test_debootstrap_root_is_built_and_scratch_removed_without_deleting_through_mounts(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    record = tmp_path / "argv.json"
+    script = fakebin / "debootstrap"
+    script.write_text(FAKE_DEBOOTSTRAP.format(python=sys.executable, record=str(record)))
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fakebin}:{os.environ['PATH']}")
+    out = tmp_path / "out"
+    out.mkdir()
+    assert cli.main(["image", "build", "--debootstrap", "bookworm", "--variant", "minbase",
+                     "--include", "openssh-server,curl", "--mirror",
+                     "http://127.0.0.1:9/debian", "--output", str(out), "--name", "deb"]) == 0
+    argv = json.loads(record.read_text())
+    assert argv[:3] == ["--variant=minbase", "--include=openssh-server,curl", "bookworm"]
+    assert argv[4] == "http://127.0.0.1:9/debian"
+    scratch = Path(argv[3])
+    assert scratch.parent == out and scratch.name.startswith(".deb.debootstrap.")
+    names = [m.name for m in tar_members(out / "deb.tar.zst")]
+    # --one-file-system: the mount point is kept, what is mounted there is not.
+    assert names == ["./", "etc", "etc/os-release", "proc"] or names == [
+        ".", "etc", "etc/os-release", "proc"]
+    assert not scratch.exists()
+    assert str(scratch) not in Path("/proc/self/mountinfo").read_text()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "SHA256SUMS", "deb.manifest.json", "deb.tar.zst"]
