@@ -30,7 +30,7 @@ from tmpfsboot.image import (
     Compression,
     build_image,
     check_name,
-    debootstrap_argv,
+    compose_debootstrap_argv,
     format_sums,
     parse_packages,
     parse_sums,
@@ -86,13 +86,13 @@ def test_compression_level_out_of_range_is_usage_error() -> None:
 
 
 @pytest.mark.unit
-def test_debootstrap_argv_passes_variant_include_and_mirror() -> None:
-    argv = debootstrap_argv("bookworm", Path("/t"), variant="minbase",
+def test_compose_debootstrap_argv_passes_variant_include_and_mirror() -> None:
+    argv = compose_debootstrap_argv("bookworm", Path("/t"), variant="minbase",
                             include=parse_packages("openssh-server, curl"),
                             mirror="http://deb.example/debian")
     assert argv == ["debootstrap", "--variant=minbase", "--include=openssh-server,curl",
                     "bookworm", "/t", "http://deb.example/debian"]
-    assert debootstrap_argv("sid", Path("/t"), variant=None, include=[], mirror=None) == [
+    assert compose_debootstrap_argv("sid", Path("/t"), variant=None, include=[], mirror=None) == [
         "debootstrap", "sid", "/t"]
 
 
@@ -473,3 +473,15 @@ def test_debootstrap_root_is_built_and_scratch_removed_without_deleting_through_
     assert str(scratch) not in Path("/proc/self/mountinfo").read_text()
     assert sorted(p.name for p in out.iterdir()) == [
         "SHA256SUMS", "deb.manifest.json", "deb.tar.zst"]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("compression", ["zstd", "xz", "gzip"])
+def test_engine_recognises_each_compression_by_magic(small_tree: Path, tmp_path: Path,
+                                                     compression: str) -> None:
+    # The engine goes by magic bytes, not by name: what we write must be what it sees.
+    from tmpfsboot.boot.compression import MAGIC_SIZE
+    from tmpfsboot.boot.compression import Compression as BootCompression
+    image = build_image(small_tree, tmp_path, "root", compression=compression)
+    head = image.read_bytes()[:MAGIC_SIZE]
+    assert BootCompression.from_magic(head).value == compression

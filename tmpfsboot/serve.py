@@ -227,14 +227,14 @@ def resolve_target(root: Path, target: str) -> Path:
     return resolved
 
 
-def content_type(path: Path) -> str:
+def guess_content_type(path: Path) -> str:
     """The Content-Type of a served file."""
     if path.name.startswith("SHA256SUMS") and not path.suffix:
         return "text/plain; charset=utf-8"
     return CONTENT_TYPES.get(path.suffix, "application/octet-stream")
 
 
-def printable(text: str) -> str:
+def escape_for_log(text: str) -> str:
     """TEXT with control characters escaped: a request target cannot forge log lines."""
     return text.encode("unicode_escape", "backslashreplace").decode("ascii")
 
@@ -435,7 +435,7 @@ class ImageServer:
                               started: float) -> bool:
         size = st.st_size
         headers = {
-            "Content-Type": content_type(path),
+            "Content-Type": guess_content_type(path),
             "Accept-Ranges": "bytes",
             "ETag": make_etag(st),
             "Last-Modified": email.utils.formatdate(st.st_mtime, usegmt=True),
@@ -538,8 +538,8 @@ class ImageServer:
         target = head.target if head else "-"
         self.requests.append(Request(method, target, status))
         if self.access_log:
-            log.info('%s "%s %s" %d %d %.3fs', client, printable(method), printable(target),
-                     status, sent, time.monotonic() - started)
+            log.info('%s "%s %s" %d %d %.3fs', client, escape_for_log(method),
+                     escape_for_log(target), status, sent, time.monotonic() - started)
 
 
 def start_server(root: Path, *, bind: str = "127.0.0.1", port: int = 0, max_streams: int = 64,
