@@ -35,6 +35,8 @@ from .cmdline import (
     mac_from_bootif,
     parse_cmdline,
     parse_rootsize,
+    parse_timeout,
+    split_cmdline,
 )
 from .errors import CmdlineError, TmpfsbootError, UsageError
 from .log import EventLog, phase, setup_logging
@@ -77,6 +79,17 @@ def read_plan(node: Node) -> BootPlan:
     if not plan.tmpfs:
         raise CmdlineError("no root=http(s)://URL on the kernel command line: not a tmpfs boot")
     return plan
+
+
+def parse_backoff(text: str) -> float | None:
+    """The first retry delay from `tmpfs.backoff=SECONDS` on command line TEXT, or None.
+
+    Not part of BootPlan (yet): the engine's boot default, seconds to tens of seconds as the
+    seed's, suits a fleet; tests and small labs want sub-second retries.
+    """
+    args, _ = split_cmdline(text)
+    values = [a.partition("=")[2] for a in args if a.startswith("tmpfs.backoff=")]
+    return parse_timeout(values[-1], key="tmpfs.backoff") if values else None
 
 
 def read_net_conf(node: Node, device: str | None = None) -> NetConf:
@@ -211,10 +224,12 @@ def step_fetch(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) 
     path = os.path.join(node.etc, KEYRING_NAME)
     keyring = path if os.path.exists(path) else None
     verify = plan.verify or Verify.default_for(keyring)
-    from .engine import fetch_root  # the engine's imports are the big part of start-up
+    backoff = parse_backoff(read_text(node.cmdline) or "")
+    from .engine import DEFAULT_BACKOFF, fetch_root  # the big part of start-up: load it late
 
     fetch_root(plan.layers, rootmnt, facts=facts, verify=verify, keyring=keyring,
-               retries=plan.retries, timeout=plan.timeout, events=events)
+               retries=plan.retries, timeout=plan.timeout, events=events,
+               backoff=DEFAULT_BACKOFF if backoff is None else backoff)
     finish_root(rootmnt, conf, facts)
 
 

@@ -1,0 +1,149 @@
+"""A real Debian kernel and a real initramfs (mkinitramfs -d) booted in QEMU, fetching its root
+from a loopback server. The guest proves success with a random nonce from the image."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tmpfsboot.demo import build_demo_root, build_layer
+from tmpfsboot.image import build_image
+from tmpfsboot.serve import start_server
+from tmpfsboot.vm import BootResult, boot_vm, guest_url
+
+pytestmark = pytest.mark.vm
+
+HOSTNAME = "node7"
+TIMEOUT = 150.0
+
+
+class Images:
+    """A directory of images: base (busybox root with a nonce), common, host-HOSTNAME."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "images"
+        self.dir.mkdir()
+        self.nonce = secrets.token_hex(8)
+        base = build_demo_root(root / "base", nonce=self.nonce)
+        build_image(base, self.dir, "base")
+        common = build_layer(root / "common", {
+            "etc/tmpfsboot-demo/layers": "base\ncommon\n",
+            "xattr-probe": "xattrs live here\n",
+        })
+        probe = common / "xattr-probe"
+        os.setxattr(probe, "security.tmpfsboot", b"sec-ok")
+        os.setxattr(probe, "trusted.tmpfsboot", b"trusted-ok")
+        build_image(common, self.dir, "common")
+        host = build_layer(root / HOSTNAME, {
+            "etc/tmpfsboot-demo/layers": f"base\ncommon\nhost-{HOSTNAME}\n",
+        })
+        build_image(host, self.dir, f"host-{HOSTNAME}")
+
+    def root(self, *names: str) -> str:
+        """root=... for the images NAMES, in order."""
+        return ",".join(guest_url(f"{n}.tar.zst") for n in names)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Images:
+    return Images(tmp_path_factory.mktemp("vm-images"))
+
+
+def boot(kernel: Path, initrd: Path, port: int, *append: str) -> BootResult:
+    result = boot_vm(kernel, initrd, append=list(append), server_port=port, hostname=HOSTNAME,
+                     timeout=TIMEOUT)
+    assert not result.timed_out, result.console[-3000:]
+    return result
+
+
+def tmpfsboot_lines(result: BootResult) -> list[str]:
+    return [line for line in result.console.splitlines() if line.startswith("tmpfsboot:")]
+
+
+@pytest.fixture(scope="module")
+def layered_boot(kernel: Path, initrd: Path, images: Images) -> BootResult:
+    """One boot with base, common and the %hostname layer, shared by the tests below."""
+    with start_server(images.dir, access_log=False) as server:
+        return boot(kernel, initrd, server.port,
+                    f"root={images.root('base', 'common', 'host-%hostname')}")
+
+
+def test_boot_with_two_layers_and_hostname_layer_reaches_image_init(
+        layered_boot: BootResult, images: Images) -> None:
+    assert f"NONCE: {images.nonce}" in layered_boot.console, layered_boot.console[-3000:]
+    assert layered_boot.has_line(f"layers:      base common host-{HOSTNAME} ")
+    assert layered_boot.has_line(f"hostname:    {HOSTNAME}")
+    assert layered_boot.has_line("root:        tmpfs tmpfs rw")
+
+
+def test_hooks_run_in_order_at_their_points(layered_boot: BootResult) -> None:
+    # initramfs-tools' "Begin: ... " has no newline: a hook's line may follow it.
+    hooks = re.findall(r"TESTHOOK [^\n]*", layered_boot.console)
+    assert hooks == [
+        "TESTHOOK tmpfs-top net=0",  # before networking
+        "TESTHOOK tmpfs-premount root=tmpfs entries=0",  # the empty tmpfs is mounted
+        "TESTHOOK tmpfs-bottom init=yes",  # after the last layer
+    ], layered_boot.console[-3000:]
+
+
+def test_security_and_trusted_xattrs_reach_the_guest_tmpfs(layered_boot: BootResult) -> None:
+    assert layered_boot.has_line("XATTRS security.tmpfsboot=sec-ok trusted.tmpfsboot=trusted-ok")
+
+
+def test_boot_log_and_python_start_reported(layered_boot: BootResult) -> None:
+    starts = re.findall(r"tmpfsboot on Python 3\.11\.\d+, started in ([0-9.]+) s",
+                        layered_boot.console)
+    assert len(starts) == 2  # the mount and fetch steps
+    assert layered_boot.has_line("boot log:    /run/tmpfsboot/boot.jsonl")
+    assert layered_boot.has_line("Fetching layer 3/3: http://10.0.2.100/host-node7.tar.zst")
+
+
+def test_tampered_layer_panics_with_message_and_never_runs_init(
+        kernel: Path, initrd: Path, images: Images, tmp_path: Path) -> None:
+    tampered = tmp_path / "images"
+    tampered.mkdir()
+    for f in images.dir.iterdir():
+        (tampered / f.name).write_bytes(f.read_bytes())
+    sums = (tampered / "SHA256SUMS").read_text()
+    real = re.search(r"^([0-9a-f]{64}) [ *]common\.tar\.zst$", sums, re.M)
+    assert real is not None, sums
+    wrong = "0" * 64
+    (tampered / "SHA256SUMS").write_text(sums.replace(real.group(1), wrong))
+    with start_server(tampered, access_log=False) as server:
+        result = boot(kernel, initrd, server.port, f"root={images.root('base', 'common')}",
+                      "tmpfs.retries=0")
+    assert images.nonce not in result.console
+    assert not result.has_line("Hello from the booted root")
+    panic = [line for line in tmpfsboot_lines(result) if "common.tar.zst" in line and wrong in line]
+    assert panic, "\n".join(tmpfsboot_lines(result))
+    assert result.has_line("Rebooting automatically due to panic= boot argument")
+
+
+def test_node_retries_after_503_and_boots(kernel: Path, initrd: Path, images: Images,
+                                         serve_failing: Callable[..., Any]) -> None:
+    with serve_failing(images.dir, fail_first=3) as server:
+        result = boot(kernel, initrd, server.port, f"root={images.root('base', 'common')}",
+                      "tmpfs.backoff=0.2")
+    assert f"NONCE: {images.nonce}" in result.console, "\n".join(tmpfsboot_lines(result))
+    assert sum("HTTP 503" in line for line in tmpfsboot_lines(result)) == 3
+    statuses = [status for _, status in server.requests]
+    assert statuses[:3] == [503, 503, 503]
+    assert statuses.count(200) >= 2  # SHA256SUMS and both images came afterwards
+
+
+def test_invalid_rootsize_panics_naming_the_value(kernel: Path, initrd: Path,
+                                                  images: Images) -> None:
+    with start_server(images.dir, access_log=False) as server:
+        result = boot(kernel, initrd, server.port, f"root={images.root('base')}",
+                      "rootsize=50x")
+        served = len(server.requests)
+    assert images.nonce not in result.console
+    assert any("rootsize=50x" in line for line in tmpfsboot_lines(result)), result.console[-2000:]
+    assert result.has_line("Rebooting automatically due to panic= boot argument")
+    assert served == 0  # rejected before anything was mounted or fetched
