@@ -406,3 +406,23 @@ def test_client_trickling_its_request_is_dropped_at_the_timeout(image_dir: Path)
         assert elapsed < 1.5
         assert answer.startswith(b"HTTP/1.1 408") or answer == b""
         assert srv.requests[-1:] in ([], [("-", "-", 408)])
+
+
+@pytest.mark.integration
+def test_serves_on_ipv6_loopback(image_dir: Path) -> None:
+    with start_server(image_dir, bind="::1", access_log=False) as srv:
+        assert srv.url == f"http://[::1]:{srv.port}/"
+        with socket.create_connection(("::1", srv.port), timeout=5) as s:
+            s.sendall(b"GET /sub/host.tar.gz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200") and data.endswith(b"\r\n\r\nlayer")
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("argv", [["--max-streams", "0"], ["--timeout", "0"],
+                                  ["--port", "x"]])
+def test_serve_verb_refuses_bad_options(tmp_path: Path, argv: list[str]) -> None:
+    from tmpfsboot import cli
+    assert cli.main(["serve", str(tmp_path), *argv]) == 2

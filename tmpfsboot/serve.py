@@ -597,6 +597,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Register `serve`."""
     p = subparsers.add_parser("serve", help="serve a directory of images over HTTP",
@@ -610,6 +617,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    help="concurrent image transfers before 503 (default: 64)")
     p.add_argument("--retry-after", type=_positive_int, default=1, metavar="S",
                    help="Retry-After seconds in 503 answers (default: 1)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="S",
+    p.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
                    help="drop a client idle this long (default: 60)")
     p.set_defaults(func=cmd_serve)
