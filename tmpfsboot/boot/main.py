@@ -59,6 +59,7 @@ class Node:
     run: str = "/run"
     sys: str = "/sys"
     cmdline: str = "/proc/cmdline"
+    set_hostname: bool = True  # the kernel's hostname, from DHCP
 
 
 def read_text(path: str) -> str | None:
@@ -209,7 +210,7 @@ def step_mount(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) 
         log.info("Network: %s, wrote /etc/%s", conf.address or "no address",
                  ", /etc/".join(written))
     name = conf.short_hostname
-    if name and socket.gethostname() != name:
+    if node.set_hostname and name and socket.gethostname() != name:
         socket.sethostname(name)
     size = choose_rootsize(plan, env.get("ROOTSIZE"))
     with phase(f"Mounting tmpfs root on {rootmnt} (size={size})", events, size=size):

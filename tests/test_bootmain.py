@@ -1,0 +1,205 @@
+"""The boot-time entry point (tmpfsboot.boot.main): its steps on a scratch node tree."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import tmpfsboot
+from tmpfsboot.boot.cmdline import parse_cmdline
+from tmpfsboot.boot.errors import CmdlineError, TmpfsbootError
+from tmpfsboot.boot.main import (
+    Node,
+    choose_rootsize,
+    gather_facts,
+    lookup_fqdn,
+    main,
+    parse_backoff,
+    write_identity,
+)
+from tmpfsboot.boot.netconf import NetConf
+
+PACKAGE = Path(tmpfsboot.__file__).parent
+
+BACKOFF_CASES = [
+    ("root=http://h/x", None),
+    ("root=http://h/x tmpfs.backoff=0.2", 0.2),
+    ("tmpfs.backoff=5 quiet tmpfs.backoff=3", 3.0),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("text", "expected"), BACKOFF_CASES)
+def test_parse_backoff(text: str, expected: float | None) -> None:
+    assert parse_backoff(text) == expected
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("text", ["tmpfs.backoff=0", "tmpfs.backoff=x", "tmpfs.backoff=-1"])
+def test_parse_backoff_rejects_naming_the_value(text: str) -> None:
+    with pytest.raises(CmdlineError, match=text.replace(".", r"\.")):
+        parse_backoff(text)
+
+
+ROOTSIZE_CASES = [
+    ("root=http://h/x rootsize=2g", "25%", "2g"),
+    ("root=http://h/x", "25%", "25%"),
+    ("root=http://h/x", None, "50%"),
+    ("root=http://h/x", "", "50%"),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("cmdline", "configured", "expected"), ROOTSIZE_CASES)
+def test_choose_rootsize_prefers_cmdline_then_config(cmdline: str, configured: str | None,
+                                                     expected: str) -> None:
+    assert choose_rootsize(parse_cmdline(cmdline), configured) == expected
+
+
+@pytest.mark.unit
+def test_choose_rootsize_rejects_bad_config_naming_it() -> None:
+    with pytest.raises(CmdlineError, match=r"ROOTSIZE .*rootsize=12q"):
+        choose_rootsize(parse_cmdline("root=http://h/x"), "12q")
+
+
+@pytest.mark.unit
+def test_lookup_fqdn_retries_until_a_dotted_name() -> None:
+    answers = iter([OSError("no answer"), "node7", "node7.lab.example"])
+    slept: list[float] = []
+
+    def resolve(address: str) -> str:
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert lookup_fqdn("10.0.2.15", retries=None, sleep=slept.append,
+                       resolve=resolve) == "node7.lab.example"
+    assert len(slept) == 2 and all(10 <= d <= 40 for d in slept)  # the seed's 10-39 s
+
+
+@pytest.mark.unit
+def test_lookup_fqdn_gives_up_after_retries_naming_the_address() -> None:
+    def resolve(address: str) -> str:
+        raise OSError("host not found")
+
+    with pytest.raises(TmpfsbootError, match=r"10\.0\.2\.15: host not found"):
+        lookup_fqdn("10.0.2.15", retries=1, sleep=lambda s: None, resolve=resolve)
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Node:
+    for d in ("etc", "run", "sys/class/net/eth0", "sys/class/dmi/id"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "sys/class/net/eth0/address").write_text("52:54:00:AB:CD:EF\n")
+    (tmp_path / "sys/class/dmi/id/product_uuid").write_text("4C4C4544-0000-1111\n")
+    (tmp_path / "run/net-eth0.conf").write_text(
+        "DEVICE='eth0'\nIPV4ADDR='10.0.2.15'\nHOSTNAME='node7'\nDNSDOMAIN='lab.example'\n"
+        "IPV4DNS0='10.0.2.3'\n")
+    return Node(etc=str(tmp_path / "etc"), run=str(tmp_path / "run"),
+                sys=str(tmp_path / "sys"), cmdline=str(tmp_path / "cmdline"),
+                set_hostname=False)
+
+
+@pytest.mark.unit
+def test_gather_facts_from_net_conf_sysfs_and_env(node: Node) -> None:
+    plan = parse_cmdline("root=http://h/%hostname/%mac/%fqdn/%uuid/%arch/%ip")
+    conf = NetConf(device="eth0", address="10.0.2.15", hostname="node7", domain="lab.example")
+    facts = gather_facts(plan, conf, node, {"DPKG_ARCH": "amd64"})
+    assert (facts.hostname, facts.fqdn, facts.mac, facts.ip, facts.arch, facts.uuid) == (
+        "node7", "node7.lab.example", "52-54-00-ab-cd-ef", "10.0.2.15", "amd64",
+        "4c4c4544-0000-1111")
+
+
+@pytest.mark.unit
+def test_gather_facts_takes_mac_from_bootif(node: Node) -> None:
+    plan = parse_cmdline("root=http://h/%mac BOOTIF=01-AA-BB-CC-DD-EE-FF")
+    facts = gather_facts(plan, NetConf(device="eth0", hostname="n"), node, {})
+    assert facts.mac == "aa-bb-cc-dd-ee-ff"
+
+
+@pytest.mark.unit
+def test_write_identity_keeps_what_the_image_brought(tmp_path: Path) -> None:
+    (tmp_path / "hosts").write_text("image's own\n")
+    conf = NetConf(hostname="node7", domain="lab.example", nameservers=("10.0.2.3",))
+    written = write_identity(str(tmp_path), conf, replace=False)
+    assert written == ["resolv.conf", "hostname"]
+    assert (tmp_path / "hosts").read_text() == "image's own\n"
+    assert (tmp_path / "hostname").read_text() == "node7\n"
+    assert write_identity(str(tmp_path), conf, replace=True) == ["resolv.conf", "hostname",
+                                                                 "hosts"]
+    assert "node7.lab.example" in (tmp_path / "hosts").read_text()
+
+
+@pytest.mark.unit
+def test_mount_step_rejects_rootsize_before_mounting(node: Node, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    Path(node.cmdline).write_text("root=http://10.0.2.100/base.tar.zst rootsize=50x\n")
+    target = tmp_path / "newroot"
+    target.mkdir()
+    assert main(["mount", str(target)], node=node) == 1
+    error = (Path(node.run) / "tmpfsboot" / "error").read_text()
+    assert error.startswith("tmpfsboot: rootsize=50x: ")
+    assert "rootsize=50x" in capsys.readouterr().err
+    assert not os.path.ismount(target)
+
+
+@pytest.mark.unit
+def test_steps_refuse_a_command_line_without_url_root(node: Node, tmp_path: Path) -> None:
+    Path(node.cmdline).write_text("root=/dev/sda1 quiet\n")
+    assert main(["fetch", str(tmp_path)], node=node) == 1
+    assert "not a tmpfs boot" in (Path(node.run) / "tmpfsboot" / "error").read_text()
+
+
+@pytest.mark.unit
+def test_unknown_step_is_usage_error(node: Node) -> None:
+    assert main(["dance", "/root"], node=node) == 2
+
+
+@pytest.fixture
+def tmpfs_target(tmp_path: Path) -> Iterator[Path]:
+    target = tmp_path / "newroot"
+    target.mkdir()
+    yield target
+    if os.path.ismount(target):
+        subprocess.run(["umount", str(target)], check=True)
+
+
+@pytest.mark.integration
+def test_mount_step_mounts_sized_tmpfs_and_writes_initramfs_etc(node: Node,
+                                                                tmpfs_target: Path) -> None:
+    Path(node.cmdline).write_text("root=http://10.0.2.100/base.tar.zst rootsize=16m\n")
+    assert main(["mount", str(tmpfs_target)], node=node) == 0
+    mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    entry = next(m for m in mounts if m[1] == str(tmpfs_target))
+    assert entry[2] == "tmpfs"
+    assert "size=16384k" in entry[3] and "mode=755" in entry[3]
+    etc = Path(node.etc)
+    assert (etc / "resolv.conf").read_text() == "domain lab.example\nnameserver 10.0.2.3\n"
+    assert (etc / "hostname").read_text() == "node7\n"
+    assert (Path(node.run) / "tmpfsboot" / "boot.jsonl").exists()
+
+
+@pytest.mark.integration
+def test_boot_side_runs_on_debian_python_with_only_the_stdlib(tmp_path: Path) -> None:
+    """Only tmpfsboot/__init__.py and tmpfsboot/boot/ in reach, as in the initramfs."""
+    pkg = tmp_path / "tmpfsboot"
+    (pkg / "boot").mkdir(parents=True)
+    (pkg / "__init__.py").write_text((PACKAGE / "__init__.py").read_text())
+    for f in (PACKAGE / "boot").glob("*.py"):
+        (pkg / "boot" / f.name).write_text(f.read_text())
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "import tmpfsboot.boot.main, tmpfsboot.boot.netconf, tmpfsboot.boot.engine\n"
+        "bad = [m.__file__ for m in list(sys.modules.values())\n"
+        "       if getattr(m, '__file__', None) and not m.__file__.startswith(\n"
+        "           ('/usr/lib/python3.11/', sys.argv[1] + '/tmpfsboot/'))]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run(["/usr/bin/python3.11", "-I", "-S", "-c", code, str(tmp_path)],
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
