@@ -68,6 +68,7 @@ def make_full_tree(root: Path) -> None:
     subprocess.run([setcap, CAPABILITY, str(root / "usr/bin/ping")], check=True)
     os.setxattr(root / "etc/hostname", "trusted.tmpfsboot", b"trusted value")
     os.setxattr(root / "etc/hostname", "user.tmpfsboot", b"user value \x00\xff")
+    os.setxattr(root / "etc/hostname", "security.selinux", b"system_u:object_r:etc_t:s0\x00")
     # ACLs: an access ACL on a file, access + default ACLs on a directory.
     acl_file = root / "srv/acl/file"
     acl_file.write_text("acl\n")

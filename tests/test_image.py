@@ -212,6 +212,7 @@ def test_tarball_carries_xattrs_and_acls_as_pax_records(built: Path) -> None:
     host = by_name["etc/hostname"].pax_headers
     assert host["SCHILY.xattr.trusted.tmpfsboot"] == "trusted value"
     assert "SCHILY.xattr.user.tmpfsboot" in host
+    assert "SCHILY.xattr.security.selinux" in host
     assert f"user:{ODD_UID}:rw-" in by_name["srv/acl/file"].pax_headers["SCHILY.acl.access"]
     acl_dir = by_name["srv/acl"].pax_headers
     assert f"group:{ODD_GID}:r-x" in acl_dir["SCHILY.acl.default"]
