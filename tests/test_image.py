@@ -486,3 +486,16 @@ def test_engine_recognises_each_compression_by_magic(small_tree: Path, tmp_path:
     image = build_image(small_tree, tmp_path, "root", compression=compression)
     head = image.read_bytes()[:MAGIC_SIZE]
     assert BootCompression.from_magic(head).value == compression
+
+
+@pytest.mark.integration
+def test_unknown_signing_key_fails_before_building(small_tree: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with throwaway_gpg_key() as key:
+        assert cli.main(["image", "build", "--from", str(small_tree), "--output", str(out),
+                         "--name", "root", "--sign", "0xDEADBEEFDEADBEEF", "--gpg-homedir",
+                         str(key.homedir)]) == 2
+    assert "--sign 0xDEADBEEFDEADBEEF: no such secret key" in capsys.readouterr().err
+    assert list(out.iterdir()) == []

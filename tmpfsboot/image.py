@@ -266,12 +266,29 @@ def write_atomically(path: Path, data: bytes) -> None:
         raise
 
 
-def sign_file(path: Path, signature: Path, *, key: str, gpg_homedir: Path | None) -> None:
-    """Write SIGNATURE, a detached binary gpg signature of PATH made with KEY."""
-    # --batch: no questions; a key with a passphrase needs it cached in gpg-agent.
+def gpg_argv(gpg_homedir: Path | None) -> list[str]:
+    """gpg in batch mode (no questions: a key with a passphrase needs it cached in
+    gpg-agent), with GPG_HOMEDIR if given."""
     argv = ["gpg", "--batch", "--yes", "--no-tty"]
     if gpg_homedir is not None:
         argv += ["--homedir", str(gpg_homedir)]
+    return argv
+
+
+def check_signing_key(key: str, gpg_homedir: Path | None) -> None:
+    """UsageError unless gpg has a secret key KEY: checked before a build, so a typo
+    costs nothing and never leaves SHA256SUMS updated but unsigned."""
+    require_program("gpg")
+    found = run([*gpg_argv(gpg_homedir), "--list-secret-keys", "--with-colons", key],
+                check=False, capture=True)
+    if found.returncode != 0 or b"\nsec:" not in b"\n" + found.stdout:
+        where = f" in {gpg_homedir}" if gpg_homedir else ""
+        raise UsageError(f"--sign {key}: no such secret key{where}")
+
+
+def sign_file(path: Path, signature: Path, *, key: str, gpg_homedir: Path | None) -> None:
+    """Write SIGNATURE, a detached binary gpg signature of PATH made with KEY."""
+    argv = gpg_argv(gpg_homedir)
     tmp = signature.with_name(f".{signature.name}.tmp")
     argv += ["--local-user", key, "--detach-sign", "--output", str(tmp), str(path)]
     try:
@@ -296,7 +313,13 @@ def update_sums(outdir: Path, file: str, digest: str, *, sign: str | None,
     write_atomically(sums_path, format_sums(sums).encode())
     signature = outdir / SIGNATURE_NAME
     if sign is not None:
-        sign_file(sums_path, signature, key=sign, gpg_homedir=gpg_homedir)
+        try:
+            sign_file(sums_path, signature, key=sign, gpg_homedir=gpg_homedir)
+        except BaseException:
+            # The old signature no longer matches: better none than a wrong one.
+            with contextlib.suppress(FileNotFoundError):
+                signature.unlink()
+            raise
     elif signature.exists():
         # A signature of the old SHA256SUMS would only fail later, at boot.
         signature.unlink()
@@ -402,6 +425,8 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str = "zstd"
     src = src.resolve()
     if outdir.resolve() == src or outdir.resolve().is_relative_to(src):
         raise UsageError(f"{outdir}: the output directory is inside the source tree {src}")
+    if sign is not None:
+        check_signing_key(sign, gpg_homedir)
     file = name + comp.suffix
     image = outdir / file
     with phase(f"Measuring {src}"):
