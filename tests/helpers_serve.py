@@ -75,27 +75,39 @@ def get(port: int, target: str, headers: dict[str, str] | None = None, *,
     return raw_request(port, ("\r\n".join(lines) + "\r\n\r\n").encode())
 
 
+class HeldStreams(list[tuple[int, dict[str, str]]]):
+    """Each holding client's (status, headers), and their sockets until released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sockets: list[socket.socket] = []
+
+    def release(self) -> None:
+        """Close every holding connection: the server's transfers end."""
+        for s in self.sockets:
+            s.close()
+        self.sockets.clear()
+
+
 @contextlib.contextmanager
-def held_streams(port: int, target: str, count: int) -> Iterator[list[tuple[int, dict[str, str]]]]:
+def held_streams(port: int, target: str, count: int) -> Iterator[HeldStreams]:
     """COUNT clients, one after another, each asking for TARGET and then reading nothing
     more than the answer's head (tiny receive buffers), so a granted transfer stays open.
-    Yields each client's (status, headers); closes them all on exit."""
-    socks: list[socket.socket] = []
-    answers: list[tuple[int, dict[str, str]]] = []
+    Yields each client's (status, headers); releases them all on exit."""
+    held = HeldStreams()
     try:
         for _ in range(count):
             s = socket.socket()
+            held.sockets.append(s)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.settimeout(10)
             s.connect(("127.0.0.1", port))
             s.sendall(f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
             status, headers, _ = read_head(s)
-            answers.append((status, headers))
-            socks.append(s)
-        yield answers
+            held.append((status, headers))
+        yield held
     finally:
-        for s in socks:
-            s.close()
+        held.release()
 
 
 def nginx_blocks() -> list[str]:

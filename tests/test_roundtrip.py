@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from helpers_image import (
     snapshot_tree,
     throwaway_gpg_key,
 )
-from helpers_serve import NGINX, nginx_origin
+from helpers_serve import NGINX, held_streams, nginx_origin
 
 from tmpfsboot.image import build_image
 from tmpfsboot.serve import ImageServer, start_server
@@ -115,3 +116,45 @@ def test_signature_by_another_key_is_refused(server: ImageServer, fresh_tmpfs: P
     assert r.returncode == 1
     assert "SHA256SUMS" in r.stderr
     assert list(fresh_tmpfs.iterdir()) == []
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("compression", ["xz", "gzip"])
+def test_round_trip_with_pixz_and_pigz_images(source: Path, fresh_tmpfs: Path, tmp_path: Path,
+                                              compression: str) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    image = build_image(source, out, "root", compression=compression)
+    with start_server(out, access_log=False) as srv:
+        r = fetch(srv.url + image.name, fresh_tmpfs)
+    assert r.returncode == 0, r.stderr
+    assert diff_trees(snapshot_tree(source), snapshot_tree(fresh_tmpfs)) == []
+
+
+@pytest.mark.integration
+def test_node_waits_out_a_503_at_the_cap_and_then_boots(images: Path, source: Path,
+                                                        fresh_tmpfs: Path) -> None:
+    big = images / "big.img"
+    with open(big, "wb") as f:
+        f.truncate(64 << 20)
+    try:
+        with start_server(images, max_streams=1, retry_after=1) as srv, \
+                held_streams(srv.port, "/big.img", 1) as held:
+            assert held[0][0] == 200     # the only slot is taken
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tmpfsboot", "fetch", "--retries", "3", "--backoff",
+                 "0.1", "--timeout", "10", srv.url + "root.tar.zst", str(fresh_tmpfs)],
+                stderr=subprocess.PIPE, text=True)
+            deadline = time.monotonic() + 20
+            while ("GET", "/root.tar.zst", 503) not in srv.requests:
+                assert proc.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+            # The node was told to come back: free the slot while it waits.
+            held.release()
+            _, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            image_answers = [r.status for r in srv.requests if r.path == "/root.tar.zst"]
+            assert image_answers[0] == 503 and image_answers[-1] == 200
+    finally:
+        big.unlink()
+    assert diff_trees(snapshot_tree(source), snapshot_tree(fresh_tmpfs)) == []
