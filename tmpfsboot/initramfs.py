@@ -52,8 +52,8 @@ EXTRA_ROOTS = ("runpy", "encodings.utf_8", "encodings.ascii", "encodings.latin_1
 DECOMPRESSORS = (("zstd",), ("xz", "pixz"), ("pigz",))
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 KEYRING_PATH = "etc/tmpfsboot/keyring.gpg"
-# .pyc optimization level for the initramfs: see docs/benchmarks.md. Level 2 drops
-# docstrings (nothing at boot reads them); asserts stay (level 1 would drop them).
+# .pyc optimization level for the initramfs. Measured (docs/benchmarks.md): level 2 saves
+# 0.19 MB of a 11.5 MB zstd initramfs and no start-up time, but drops the engine's asserts.
 OPTIMIZE = 0
 
 # Runs under Debian's python3.11 -I -S with the engine's imports as arguments (see
