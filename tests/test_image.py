@@ -216,6 +216,9 @@ def test_tarball_carries_xattrs_and_acls_as_pax_records(built: Path) -> None:
     assert f"user:{ODD_UID}:rw-" in by_name["srv/acl/file"].pax_headers["SCHILY.acl.access"]
     acl_dir = by_name["srv/acl"].pax_headers
     assert f"group:{ODD_GID}:r-x" in acl_dir["SCHILY.acl.default"]
+    # The raw values too: numeric ids, independent of the build host's user names.
+    assert "SCHILY.xattr.system.posix_acl_access" in by_name["srv/acl/file"].pax_headers
+    assert "SCHILY.xattr.system.posix_acl_default" in acl_dir
     # No pid or atime records: the same tree gives the same bytes.
     assert not any(k in ("atime", "ctime") for m in by_name.values() for k in m.pax_headers)
 

@@ -55,6 +55,9 @@ NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 # GNU tar options that make the tarball the engine expects. Pax keeps high-resolution
 # mtimes, long names, xattrs (SCHILY.xattr.*) and ACLs; the exthdr.name and delete
 # options drop the pid, atime and ctime pax records, so the same tree gives the same bytes.
+# ACLs go in twice, on purpose: --acls writes SCHILY.acl.* text for other tools, but with
+# user names looked up on the build host (even with --numeric-owner); --xattrs-include=*
+# also keeps the raw system.posix_acl_* values with numeric ids, which the engine prefers.
 TAR_OPTIONS = (
     "--format=pax",
     "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
