@@ -110,6 +110,14 @@ def held_streams(port: int, target: str, count: int) -> Iterator[HeldStreams]:
         held.release()
 
 
+def has_slice_module() -> bool:
+    """Whether this nginx was built with the slice module (the caching proxy needs it)."""
+    if not NGINX.exists():
+        return False
+    out = subprocess.run([str(NGINX), "-V"], capture_output=True, text=True)
+    return "http_slice_module" in out.stderr
+
+
 def nginx_blocks() -> list[str]:
     """The ```nginx fenced blocks of docs/nginx.md, in order."""
     text = NGINX_DOC.read_text(encoding="utf-8")

@@ -14,6 +14,7 @@ from helpers_serve import (
     cache_config,
     free_port,
     get,
+    has_slice_module,
     held_streams,
     nginx_blocks,
     nginx_origin,
@@ -25,11 +26,6 @@ from tmpfsboot.image import build_image
 pytestmark = pytest.mark.skipif(not NGINX.exists(), reason="/usr/sbin/nginx is absent")
 
 SLICE = 8 << 20
-
-
-def has_slice_module() -> bool:
-    out = subprocess.run([str(NGINX), "-V"], capture_output=True, text=True)
-    return "http_slice_module" in out.stderr
 
 
 @pytest.fixture(scope="module")

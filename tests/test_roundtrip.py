@@ -18,7 +18,15 @@ from helpers_image import (
     snapshot_tree,
     throwaway_gpg_key,
 )
-from helpers_serve import NGINX, held_streams, nginx_origin
+from helpers_serve import (
+    NGINX,
+    cache_config,
+    free_port,
+    has_slice_module,
+    held_streams,
+    nginx_origin,
+    running_nginx,
+)
 
 from tmpfsboot.image import build_image
 from tmpfsboot.serve import ImageServer, start_server
@@ -88,6 +96,19 @@ def test_nginx_round_trip_keeps_every_entry(images: Path, source: Path, fresh_tm
                                             tmp_path: Path) -> None:
     with nginx_origin(images, tmp_path / "nginx") as nginx:
         r = fetch(nginx.url + "root.tar.zst", fresh_tmpfs)
+    assert r.returncode == 0, r.stderr
+    assert diff_trees(snapshot_tree(source), snapshot_tree(fresh_tmpfs)) == []
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not has_slice_module(), reason="no nginx with the slice module")
+def test_round_trip_through_nginx_caching_proxy(images: Path, source: Path,
+                                                fresh_tmpfs: Path, tmp_path: Path) -> None:
+    with nginx_origin(images, tmp_path / "origin") as origin:
+        port = free_port()
+        config = cache_config(origin.port, tmp_path / "cache", port)
+        with running_nginx(config, tmp_path / "cache", port=port) as cache:
+            r = fetch(cache.url + "root.tar.zst", fresh_tmpfs)
     assert r.returncode == 0, r.stderr
     assert diff_trees(snapshot_tree(source), snapshot_tree(fresh_tmpfs)) == []
 
