@@ -15,7 +15,7 @@ import pytest
 from tmpfsboot.demo import build_demo_root, build_layer
 from tmpfsboot.image import build_image
 from tmpfsboot.serve import start_server
-from tmpfsboot.vm import BootResult, boot_vm, guest_url
+from tmpfsboot.vm import BootResult, boot_vm, can_use_kvm, guest_url, qemu_argv
 
 pytestmark = pytest.mark.vm
 
@@ -147,3 +147,28 @@ def test_invalid_rootsize_panics_naming_the_value(kernel: Path, initrd: Path,
     assert any("rootsize=50x" in line for line in tmpfsboot_lines(result)), result.console[-2000:]
     assert result.has_line("Rebooting automatically due to panic= boot argument")
     assert served == 0  # rejected before anything was mounted or fetched
+
+
+KVM_CASES = [
+    ("flags\t\t: fpu vme de pse vmx sse\n", True, True),
+    ("flags\t\t: fpu svm sse\n", True, True),
+    ("flags\t\t: fpu vme de pse sse\n", True, False),  # a nested "PVM" /dev/kvm
+    ("flags\t\t: fpu vmx\n", False, False),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("cpuinfo", "device", "expected"), KVM_CASES)
+def test_kvm_only_where_cpu_shows_vmx_or_svm(cpuinfo: str, device: bool, expected: bool) -> None:
+    assert can_use_kvm(cpuinfo, kvm_device=device) is expected
+
+
+@pytest.mark.unit
+def test_qemu_reaches_only_the_loopback_server() -> None:
+    argv = qemu_argv(Path("k"), Path("i"), append=["root=x"], server_port=8080,
+                     hostname="n1", accel="tcg")
+    netdev = argv[argv.index("-netdev") + 1]
+    assert netdev == ("user,id=n0,restrict=on,hostname=n1,"
+                      "guestfwd=tcp:10.0.2.100:80-cmd:/bin/busybox nc 127.0.0.1 8080")
+    assert "-no-reboot" in argv
+    assert argv[argv.index("-append") + 1] == "console=ttyS0 panic=5 net.ifnames=0 root=x"
