@@ -127,6 +127,7 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (outside / "secret").write_text("secret\n")
     (root / "outside-link").symlink_to(outside / "secret")
     (root / "outside-dir").symlink_to(outside)
+    os.mkfifo(root / "fifo")
     return root
 
 
@@ -231,6 +232,7 @@ def test_etag_changes_when_an_image_is_replaced(server: ImageServer, image_dir: 
     ("/outside-dir/secret", {403}),
     ("/.root.tar.zst.partial.tmp", {404}),
     ("/sub", {404}),
+    ("/fifo", {404}),
     ("/", {404}),
     ("http://127.0.0.1/etc/passwd", {400}),
     ("*", {400}),

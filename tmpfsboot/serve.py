@@ -417,7 +417,9 @@ class ImageServer:
     async def _send_file(self, conn: socket.socket, client: str, head: RequestHead,
                          path: Path, started: float) -> bool:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, and stall
+            # every client of this loop. It changes nothing for a regular file.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise HTTPError(404) from None
         except OSError:
