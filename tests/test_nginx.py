@@ -18,6 +18,7 @@ from helpers_serve import (
     held_streams,
     nginx_blocks,
     nginx_origin,
+    reset_tmpfsboot_logging,
     running_nginx,
 )
 
@@ -26,6 +27,14 @@ from tmpfsboot.image import build_image
 pytestmark = pytest.mark.skipif(not NGINX.exists(), reason="/usr/sbin/nginx is absent")
 
 SLICE = 8 << 20
+
+
+@pytest.fixture(autouse=True)
+def _clean_logging() -> Iterator[None]:
+    reset_tmpfsboot_logging()
+    yield
+    reset_tmpfsboot_logging()
+
 
 
 @pytest.fixture(scope="module")
