@@ -12,6 +12,7 @@ import contextlib
 import enum
 import logging
 import os
+import signal
 import subprocess
 import zlib
 from typing import Protocol
@@ -101,6 +102,9 @@ class ChildDecompressor:
         try:
             wait_stage(self.proc, self.name)
         except CommandError as e:
+            if self.proc.returncode == -signal.SIGPIPE:
+                # the extractor stopped reading first: its error is the cause, not this
+                raise BrokenPipeError(f"{self.name}: the extractor stopped reading") from e
             raise ArchiveError(f"decompression failed: {e}") from e
 
 
