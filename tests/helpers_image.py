@@ -23,16 +23,21 @@ CAPABILITY = "cap_net_raw=ep"
 LONG_TARGET = "/usr/lib/" + "a-very-long-symlink-target-" * 4 + "end"
 
 
+# Resolved once, at import: tests that empty PATH must not leave mounts behind.
+MOUNT = shutil.which("mount") or "/bin/mount"
+UMOUNT = shutil.which("umount") or "/bin/umount"
+
+
 @contextlib.contextmanager
 def mounted_tmpfs(path: Path, *, size: str = "256m", mode: str = "0755") -> Iterator[Path]:
     """A fresh tmpfs mounted on PATH (created if missing), unmounted afterwards."""
     path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode={mode}", "tmpfs",
+    subprocess.run([MOUNT, "-t", "tmpfs", "-o", f"size={size},mode={mode}", "tmpfs",
                     str(path)], check=True)
     try:
         yield path
     finally:
-        subprocess.run(["umount", "--lazy", str(path)], check=False)
+        subprocess.run([UMOUNT, "--lazy", str(path)], check=True)
 
 
 def _set_mtime(path: Path, ns: int) -> None:
