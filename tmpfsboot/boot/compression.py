@@ -154,8 +154,8 @@ class InProcessDecompressor:
             raise ArchiveError(f"{self.compression.value} data is corrupt: {e}") from e
 
     def close(self) -> None:
-        if isinstance(self._obj, zlib._Decompress):
-            self._out(self._obj.flush())
+        if self.compression is Compression.GZIP and self._obj is not None:
+            self._out(self._obj.flush())  # type: ignore[union-attr]
 
 
 def start_decompressor(

@@ -201,16 +201,20 @@ class _LayerPipe:
         except BaseException as e:  # handed to the extracting thread
             self.error = e
         finally:
-            if self.decompressor is not None:
-                try:
+            try:
+                if self.decompressor is not None:
                     self.decompressor.close()
-                except TmpfsbootError as e:
-                    self.decompress_error = e
-                except BrokenPipeError:
-                    self.broken = True
-            if self.out_w >= 0:
-                os.close(self.out_w)
-                self.out_w = -1
+            except TmpfsbootError as e:
+                self.decompress_error = e
+            except BrokenPipeError:
+                self.broken = True
+            except BaseException as e:
+                self.error = self.error or e
+            finally:
+                # the extractor sees the end of the stream, whatever happened here
+                if self.out_w >= 0:
+                    os.close(self.out_w)
+                    self.out_w = -1
 
 def _drain(fd: int) -> None:
     while os.read(fd, PIPE_SIZE):

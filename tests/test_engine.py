@@ -1,0 +1,174 @@
+"""The engine end to end over a real loopback HTTP server: formats, layers, the event log."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from helpers_image import mounted_tmpfs
+
+from tmpfsboot.boot.cmdline import NetFacts, Verify, parse_root
+from tmpfsboot.boot.engine import fetch_root
+from tmpfsboot.boot.errors import CommandError
+from tmpfsboot.boot.log import EventLog
+
+pytestmark = pytest.mark.integration
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
+    """A directory served over HTTP on 127.0.0.1, and its base URL."""
+    root = tmp_path / "www"
+    root.mkdir()
+    handler = functools.partial(_QuietHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield root, f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def target(tmp_path: Path) -> Iterator[Path]:
+    with mounted_tmpfs(tmp_path / "target") as path:
+        yield path
+
+
+def make_tree(root: Path, files: dict[str, bytes]) -> Path:
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def publish(www: Path, name: str, tree: Path, compressor: list[str] | None) -> None:
+    """NAME in WWW: a GNU tar of TREE piped through COMPRESSOR, listed in SHA256SUMS."""
+    tar = subprocess.run(["tar", "--format=pax", "--numeric-owner", "-C", str(tree), "-c", "."],
+                         check=True, capture_output=True).stdout
+    data = subprocess.run(compressor, input=tar, check=True,
+                          capture_output=True).stdout if compressor else tar
+    (www / name).write_bytes(data)
+    with open(www / "SHA256SUMS", "a") as f:
+        f.write(f"{hashlib.sha256(data).hexdigest()}  {name}\n")
+
+
+FORMATS = [
+    ("root.tar", None),
+    ("root.tar.gz", ["gzip", "-c"]),
+    ("root.tar.pigz", ["pigz", "-c"]),
+    ("root.tar.xz", ["xz", "-c", "-T2"]),
+    ("root.tar.pixz", ["pixz"]),
+    ("root.tar.zst", ["zstd", "-c", "-q"]),
+    ("root.tar.bz2", ["bzip2", "-c"]),
+]
+
+
+def fetch(url: str, target: Path, **kwargs: object) -> None:
+    options: dict[str, object] = dict(facts=NetFacts(), verify=Verify.CHECKSUM, keyring=None,
+                                      retries=0, timeout=5.0, backoff=0.01)
+    options.update(kwargs)
+    fetch_root(parse_root(url), str(target), **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("name", "compressor"), FORMATS, ids=[f[0] for f in FORMATS])
+@pytest.mark.parametrize("tools", ["tools", "stdlib"])
+def test_fetch_decompresses_by_magic_bytes(served: tuple[Path, str], target: Path,
+                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           name: str, compressor: list[str] | None,
+                                           tools: str) -> None:
+    www, base = served
+    files = {"etc/motd": b"hello\n", "usr/lib/big.bin": os.urandom(3 << 20)}
+    publish(www, name, make_tree(tmp_path / "tree", files), compressor)
+    if tools == "stdlib":
+        if name.endswith(".zst"):
+            pytest.skip("zstd has no standard-library decoder (see the test below)")
+        monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))
+    fetch(base + name, target)
+    for rel, data in files.items():
+        assert (target / rel).read_bytes() == data
+
+
+def test_zstd_image_without_zstd_binary_is_a_clear_error(
+        served: tuple[Path, str], target: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    www, base = served
+    publish(www, "root.tar.zst", make_tree(tmp_path / "tree", {"a": b"a"}), ["zstd", "-q"])
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-path"))
+    with pytest.raises(CommandError, match=r"zstd: not found.*zstd"):
+        fetch(base + "root.tar.zst", target)
+    assert os.listdir(target) == []
+
+
+def test_layers_extract_in_order_with_hostname_substitution(
+        served: tuple[Path, str], target: Path, tmp_path: Path) -> None:
+    www, base = served
+    publish(www, "base.tar.zst", make_tree(tmp_path / "base", {
+        "etc/hostname": b"generic\n", "etc/motd": b"base\n"}), ["zstd", "-q"])
+    publish(www, "node7.tar.gz", make_tree(tmp_path / "node7", {
+        "etc/hostname": b"node7\n"}), ["gzip"])
+    log_path = tmp_path / "events.jsonl"
+    events = EventLog(str(log_path))
+    fetch(f"{base}base.tar.zst,{base}%hostname.tar.gz", target,
+          facts=NetFacts(hostname="node7"), events=events)
+    events.close()
+    assert (target / "etc/hostname").read_bytes() == b"node7\n"
+    assert (target / "etc/motd").read_bytes() == b"base\n"
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    layers = [r for r in records if r["event"] == "phase" and "layer" in r]
+    assert [r["layer"] for r in layers] == [1, 2]
+    assert all(r["ok"] and r["verified"] and r["bytes"] > 0 for r in layers)
+    assert layers[1]["url"] == f"{base}node7.tar.gz"
+    assert records[-1]["event"] == "root" and records[-1]["ok"]
+
+
+def test_fetch_verb_exits_0_and_prints_progress_phases(
+        served: tuple[Path, str], target: Path, tmp_path: Path) -> None:
+    www, base = served
+    publish(www, "root.tar.zst", make_tree(tmp_path / "tree", {"etc/motd": b"hi\n"}),
+            ["zstd", "-q"])
+    proc = subprocess.run([sys.executable, "-m", "tmpfsboot", "fetch", "--backoff", "0.01",
+                           base + "root.tar.zst", str(target)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "layer 1/1" in proc.stderr and "SHA-256 verified" in proc.stderr
+    assert (target / "etc/motd").read_bytes() == b"hi\n"
+
+
+def test_boot_package_imports_with_standard_library_only(tmp_path: Path) -> None:
+    """tmpfsboot.boot must work in the initramfs: python3.11 -I -S, nothing else around."""
+    package = Path(__file__).resolve().parent.parent / "tmpfsboot"
+    shutil.copy(package / "__init__.py", tmp_path / "__init__.py")
+    (tmp_path / "pkg" / "tmpfsboot").mkdir(parents=True)
+    shutil.copy(package / "__init__.py", tmp_path / "pkg" / "tmpfsboot" / "__init__.py")
+    shutil.copytree(package / "boot", tmp_path / "pkg" / "tmpfsboot" / "boot",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    modules = sorted(p.stem for p in (package / "boot").glob("*.py") if p.stem != "__init__")
+    code = ("import sys, importlib; sys.path[:0] = [sys.argv[1]]\n"
+            "for m in sys.argv[2:]: importlib.import_module('tmpfsboot.boot.' + m)\n"
+            "bad = [n for n in sys.modules if n.split('.')[0] not in sys.stdlib_module_names"
+            " and n.split('.')[0] not in ('tmpfsboot', '__main__')]\n"
+            "print(bad)")
+    proc = subprocess.run(["/usr/bin/python3.11", "-I", "-S", "-c", code,
+                           str(tmp_path / "pkg"), *modules],
+                          capture_output=True, text=True, check=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
