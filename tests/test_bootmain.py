@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,14 +12,14 @@ import pytest
 
 import tmpfsboot
 from tmpfsboot.boot.cmdline import parse_cmdline
-from tmpfsboot.boot.errors import CmdlineError, TmpfsbootError
+from tmpfsboot.boot.errors import CmdlineError, ShellRequested, TmpfsbootError
 from tmpfsboot.boot.main import (
     Node,
     choose_rootsize,
     gather_facts,
     lookup_fqdn,
     main,
-    parse_backoff,
+    wait_or_shell,
     write_identity,
 )
 from tmpfsboot.boot.netconf import NetConf
@@ -26,23 +27,50 @@ from tmpfsboot.boot.netconf import NetConf
 PACKAGE = Path(tmpfsboot.__file__).parent
 
 BACKOFF_CASES = [
-    ("root=http://h/x", None),
+    ("root=http://h/x", 10.0),
     ("root=http://h/x tmpfs.backoff=0.2", 0.2),
-    ("tmpfs.backoff=5 quiet tmpfs.backoff=3", 3.0),
+    ("root=http://h/x tmpfs.backoff=5 quiet tmpfs.backoff=3", 3.0),
 ]
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize(("text", "expected"), BACKOFF_CASES)
-def test_parse_backoff(text: str, expected: float | None) -> None:
-    assert parse_backoff(text) == expected
+def test_tmpfs_backoff_sets_first_retry_delay(text: str, expected: float) -> None:
+    assert parse_cmdline(text).backoff == expected
 
 
 @pytest.mark.unit
-@pytest.mark.parametrize("text", ["tmpfs.backoff=0", "tmpfs.backoff=x", "tmpfs.backoff=-1"])
-def test_parse_backoff_rejects_naming_the_value(text: str) -> None:
-    with pytest.raises(CmdlineError, match=text.replace(".", r"\.")):
-        parse_backoff(text)
+@pytest.mark.parametrize("value", ["0", "x", "-1"])
+def test_tmpfs_backoff_rejects_naming_the_value(value: str) -> None:
+    with pytest.raises(CmdlineError, match=rf"tmpfs\.backoff={value}"):
+        parse_cmdline(f"root=http://h/x tmpfs.backoff={value}")
+
+
+@pytest.mark.unit
+def test_wait_or_shell_opens_shell_when_x_is_pressed() -> None:
+    master, slave = os.openpty()
+    try:
+        os.write(master, b"x")
+        started = time.monotonic()
+        with pytest.raises(ShellRequested, match="Spawning shell"):
+            wait_or_shell(30, fd=slave)
+        assert time.monotonic() - started < 5
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+@pytest.mark.unit
+def test_wait_or_shell_waits_out_other_keys() -> None:
+    master, slave = os.openpty()
+    try:
+        os.write(master, b"q")
+        started = time.monotonic()
+        wait_or_shell(0.3, fd=slave)
+        assert time.monotonic() - started >= 0.3
+    finally:
+        os.close(master)
+        os.close(slave)
 
 
 ROOTSIZE_CASES = [

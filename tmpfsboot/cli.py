@@ -14,8 +14,15 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
-from .boot.cmdline import NetFacts, Verify, parse_cmdline, parse_root, parse_timeout
-from .boot.engine import DEFAULT_BACKOFF, fetch_root
+from .boot.cmdline import (
+    DEFAULT_BACKOFF,
+    NetFacts,
+    Verify,
+    parse_cmdline,
+    parse_root,
+    parse_timeout,
+)
+from .boot.engine import fetch_root
 from .boot.errors import TmpfsbootError, UsageError
 from .boot.log import EventLog, setup_logging
 

@@ -21,6 +21,8 @@ _UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 
 DEFAULT_ROOTSIZE = "50%"
 DEFAULT_TIMEOUT = 60.0
+# The first retry waits 10-40 s, as the seed's random 10-39 s; then it doubles.
+DEFAULT_BACKOFF = 10.0
 
 
 class Verify(enum.Enum):
@@ -70,6 +72,7 @@ class BootPlan:
     verify: Verify | None = None
     retries: int | None = None
     timeout: float = DEFAULT_TIMEOUT
+    backoff: float = DEFAULT_BACKOFF
     quiet: bool = False
     bootif: str | None = None
     init_args: tuple[str, ...] = field(default=())
@@ -93,6 +96,7 @@ class BootPlan:
             "verify": self.verify.value if self.verify else None,
             "retries": self.retries,
             "timeout": self.timeout,
+            "backoff": self.backoff,
             "quiet": self.quiet,
         }
 
@@ -256,6 +260,7 @@ def parse_cmdline(text: str) -> BootPlan:
     verify = opts.get("tmpfs.verify")
     retries = opts.get("tmpfs.retries")
     timeout = opts.get("tmpfs.timeout")
+    backoff = opts.get("tmpfs.backoff")
     return BootPlan(
         tmpfs=True,
         layers=parse_root(root),
@@ -263,6 +268,8 @@ def parse_cmdline(text: str) -> BootPlan:
         verify=Verify.parse(verify) if verify is not None else None,
         retries=_parse_int("tmpfs.retries", retries, minimum=0) if retries is not None else None,
         timeout=parse_timeout(timeout) if timeout is not None else DEFAULT_TIMEOUT,
+        backoff=parse_timeout(backoff, key="tmpfs.backoff") if backoff is not None
+        else DEFAULT_BACKOFF,
         quiet="quiet" in flags,
         bootif=opts.get("BOOTIF"),
         init_args=tuple(init_args),

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .cmdline import Layer, NetFacts, Verify, resolve_url
+from .cmdline import DEFAULT_BACKOFF, Layer, NetFacts, Verify, resolve_url
 from .compression import (
     MAGIC_SIZE,
     ChildDecompressor,
@@ -51,8 +51,6 @@ from .log import NO_EVENTS, EventLog, format_bytes, phase
 
 log = logging.getLogger("tmpfsboot")
 
-# The first retry waits 10-40 s, as the seed's random 10-39 s; then it doubles.
-DEFAULT_BACKOFF = 10.0
 PIPE_SIZE = 1 << 20
 
 

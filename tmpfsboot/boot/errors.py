@@ -61,3 +61,7 @@ class UnsafeMemberError(ArchiveError):
 
 class SpaceError(TmpfsbootError):
     """The root does not fit: names the needed and the available bytes."""
+
+
+class ShellRequested(TmpfsbootError):
+    """The user pressed x while the boot waited: stop and open initramfs-tools' shell."""

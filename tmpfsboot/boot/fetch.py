@@ -58,8 +58,9 @@ class RetryBudget:
     """Retries shared by every download of one root, and the back-off between them.
 
     The delay after the k-th failure in a row is drawn from [d, 4d] with d = BACKOFF * 2**k,
-    at most 30 * BACKOFF (the boot default, 10 s, gives the seed's 10-39 s at first), and
-    never shorter than the server's Retry-After.
+    at most 30 * BACKOFF (the boot default, 10 s, gives the seed's 10-39 s at first). When
+    the server said when to come back (Retry-After), that time is used instead, stretched
+    by up to half so that a fleet told the same time does not return all at once.
     """
 
     retries: int | None
@@ -71,9 +72,10 @@ class RetryBudget:
 
     def delay(self, retry_after: float | None = None) -> float:
         """The next back-off delay in seconds."""
+        if retry_after is not None:
+            return retry_after * self.rng.uniform(1.0, 1.5)
         base = self.backoff * (2 ** min(self.streak, 16))
-        delay = min(self.rng.uniform(base, 4 * base), 30 * self.backoff)
-        return max(delay, retry_after or 0.0)
+        return min(self.rng.uniform(base, 4 * base), 30 * self.backoff)
 
     def fail(self, error: Exception, *, retry_after: float | None = None) -> None:
         """Count a failure: wait before the retry, or raise FetchError when none are left."""

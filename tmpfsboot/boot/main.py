@@ -20,6 +20,7 @@ import glob
 import logging
 import os
 import random
+import select
 import socket
 import sys
 import time
@@ -35,10 +36,8 @@ from .cmdline import (
     mac_from_bootif,
     parse_cmdline,
     parse_rootsize,
-    parse_timeout,
-    split_cmdline,
 )
-from .errors import CmdlineError, TmpfsbootError, UsageError
+from .errors import CmdlineError, ShellRequested, TmpfsbootError, UsageError
 from .log import EventLog, phase, setup_logging
 from .netconf import NetConf, parse_net_conf, render_hostname, render_hosts, render_resolv_conf
 from .run import run
@@ -82,15 +81,31 @@ def read_plan(node: Node) -> BootPlan:
     return plan
 
 
-def parse_backoff(text: str) -> float | None:
-    """The first retry delay from `tmpfs.backoff=SECONDS` on command line TEXT, or None.
+def wait_or_shell(seconds: float, *, fd: int | None = None) -> None:
+    """Wait SECONDS before a retry; pressing x on the console opens a shell (as the seed).
 
-    Not part of BootPlan (yet): the engine's boot default, seconds to tens of seconds as the
-    seed's, suits a fleet; tests and small labs want sub-second retries.
+    The shell is initramfs-tools' panic shell: ShellRequested carries the message there.
     """
-    args, _ = split_cmdline(text)
-    values = [a.partition("=")[2] for a in args if a.startswith("tmpfs.backoff=")]
-    return parse_timeout(values[-1], key="tmpfs.backoff") if values else None
+    if fd is None:
+        fd = sys.stdin.fileno() if sys.stdin is not None else -1
+    if fd < 0 or not os.isatty(fd):
+        time.sleep(seconds)
+        return
+    import termios  # lib-dynload: only for a console
+
+    print(f"Press x (in the next {seconds:.0f} seconds) to open a shell", file=sys.stderr)
+    saved = termios.tcgetattr(fd)
+    raw = termios.tcgetattr(fd)
+    raw[3] &= ~(termios.ICANON | termios.ECHO)
+    termios.tcsetattr(fd, termios.TCSANOW, raw)
+    try:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready and os.read(fd, 1) in (b"x", b"X"):
+                raise ShellRequested("Spawning shell within the initramfs as requested")
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 def read_net_conf(node: Node, device: str | None = None) -> NetConf:
@@ -225,12 +240,11 @@ def step_fetch(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) 
     path = os.path.join(node.etc, KEYRING_NAME)
     keyring = path if os.path.exists(path) else None
     verify = plan.verify or Verify.default_for(keyring)
-    backoff = parse_backoff(read_text(node.cmdline) or "")
-    from .engine import DEFAULT_BACKOFF, fetch_root  # the big part of start-up: load it late
+    from .engine import fetch_root  # the big part of start-up: load it late
 
     fetch_root(plan.layers, rootmnt, facts=facts, verify=verify, keyring=keyring,
-               retries=plan.retries, timeout=plan.timeout, events=events,
-               backoff=DEFAULT_BACKOFF if backoff is None else backoff)
+               retries=plan.retries, timeout=plan.timeout, backoff=plan.backoff,
+               events=events, wait=wait_or_shell)
     finish_root(rootmnt, conf, facts)
 
 
