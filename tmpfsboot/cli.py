@@ -101,7 +101,9 @@ def build_parser() -> ArgumentParser:
     p = sub.add_parser("fetch", help="download, verify and extract a root into DIR",
                        description="Run the boot engine's fetch, verify and extract steps "
                        "on this host. ROOT is exactly what follows root= on a kernel "
-                       "command line; DIR an existing directory.")
+                       "command line; DIR an existing directory. Exit 0 only when every "
+                       "layer is in and verified; when the root fails for good, DIR is "
+                       "emptied rather than left half-done.")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--hostname", help="value of %%hostname")
