@@ -198,3 +198,19 @@ def test_acl_text_encodes_as_the_kernel_xattr() -> None:
     assert value == bytes.fromhex(
         "02000000" "0100" "0600" "ffffffff" "0200" "0400" "e9030000" "0400" "0400" "ffffffff"
         "0800" "0600" "07000000" "1000" "0600" "ffffffff" "2000" "0000" "ffffffff")
+
+
+@pytest.mark.integration
+def test_xattrs_the_file_system_refuses_are_skipped_not_fatal(tmp_path: Path) -> None:
+    """Debian 12's tmpfs refuses user.*; ramfs, used here, refuses every xattr."""
+    info, data = member("etc/motd", data=b"motd\n")
+    info.pax_headers = {"SCHILY.xattr.user.origin": "layer"}
+    archive = tar_bytes(member("etc/", tarfile.DIRTYPE, mode=0o755), (info, data))
+    root = tmp_path / "ramfs"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "ramfs", "ramfs", str(root)], check=True)
+    try:
+        extract_file(archive, root)
+        assert (root / "etc/motd").read_bytes() == b"motd\n"
+    finally:
+        subprocess.run(["umount", str(root)], check=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import errno
+import logging
 import os
 import shutil
 import stat
@@ -21,6 +22,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from .errors import ArchiveError, SpaceError, UnsafeMemberError
+
+log = logging.getLogger("tmpfsboot")
 
 BLOCK = 512
 READ_SIZE = 1 << 20
@@ -247,6 +250,7 @@ class Extractor:
         self._layer_paths: set[str] = set()
         self._deferred_dirs: list[tuple[str, _Member]] = []
         self._ids: tuple[dict[str, int], dict[str, int]] | None = None
+        self._unsupported: set[str] = set()
 
     # -- path resolution, as if root were "/" -------------------------------------------
 
@@ -528,7 +532,7 @@ class Extractor:
         if self.same_owner:
             os.chown(target, m.uid, m.gid, follow_symlinks=follow)
         for key, value in m.xattrs.items():
-            os.setxattr(target, key, value, follow_symlinks=follow)
+            self._set_xattr(target, key, value, follow=follow)
         for kind, text in m.acls.items():
             key = f"system.posix_acl_{kind}"
             if key not in m.xattrs and text.strip():
@@ -537,7 +541,23 @@ class Extractor:
                                  _read_id_table(self._real("etc/group")))
                 users, groups = self._ids
                 value = acl_text_to_xattr(text, users=users, groups=groups)
-                os.setxattr(target, key, value, follow_symlinks=follow)
+                self._set_xattr(target, key, value, follow=follow)
+
+    def _set_xattr(self, target: int | str, key: str, value: bytes, *, follow: bool) -> None:
+        """Set one xattr; one the file system does not take is skipped with a warning.
+
+        Debian 12's tmpfs (kernel 6.1) refuses user.* xattrs; tmpfs takes them from 6.6 on.
+        """
+        try:
+            os.setxattr(target, key, value, follow_symlinks=follow)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            namespace = key.split(".", 1)[0]
+            if namespace not in self._unsupported:
+                self._unsupported.add(namespace)
+                log.warning("%s does not take %s.* xattrs (first: %s): skipping them",
+                            self.root, namespace, key)
 
     def _whiteout(self, parent: str, base: str, member: str) -> None:
         """OCI whiteouts delete what earlier layers wrote (not this layer's own entries)."""
