@@ -76,12 +76,12 @@ def test_503_with_retry_after_twice_then_200_waits_and_survives(matrix: Matrix, 
         elapsed = time.monotonic() - started
     assert_root_is(scene, good)
     assert [h.status for h in srv.requests_for(IMAGE)] == [503, 503, 200]
-    assert elapsed >= 2.0  # Retry-After beats the 0.01 s back-off
-    matrix.evidence(f"3 image requests (503, 503, 200); slept {elapsed:.2f} s >= 2 x "
-                    "Retry-After")
+    assert 2.0 <= elapsed < 4.0  # Retry-After (x 1-1.5) rules, not the 0.01 s back-off
+    matrix.evidence(f"3 image requests (503, 503, 200); slept {elapsed:.2f} s in all, "
+                    "2 x Retry-After x 1-1.5")
 
 
-def test_429_retry_after_is_the_floor_of_the_delay(matrix: Matrix, good: Root,
+def test_429_retry_after_sets_the_delay(matrix: Matrix, good: Root,
                                                    scene: Scene) -> None:
     matrix.case("HTTP", "429 + Retry-After: 7, then 200", "survived")
     with serve(site(good)) as srv:
@@ -89,8 +89,10 @@ def test_429_retry_after_is_the_floor_of_the_delay(matrix: Matrix, good: Root,
         fetch(srv.url + IMAGE[1:], scene, retries=1)
     assert_root_is(scene, good)
     assert srv.count(IMAGE) == 2
-    assert len(scene.waits) == 1 and scene.waits[0] >= 7.0
-    matrix.evidence(f"2 image requests; back-off asked {scene.waits[0]:.1f} s >= 7 s")
+    # Retry-After is the delay, stretched by up to half so a fleet does not return at once
+    assert len(scene.waits) == 1 and 7.0 <= scene.waits[0] <= 10.5
+    matrix.evidence(f"2 image requests; the engine waited {scene.waits[0]:.1f} s, in "
+                    "[7, 10.5] (Retry-After x 1-1.5), not its 10-40 ms back-off")
 
 
 def test_500_and_502_back_off_exponentially_with_jitter(matrix: Matrix, good: Root,
