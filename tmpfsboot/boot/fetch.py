@@ -205,6 +205,26 @@ def _content_range(resp: http.client.HTTPResponse) -> tuple[int, int | None] | N
     return int(first), int(total) if total.isdigit() else None
 
 
+def _read_some(resp: http.client.HTTPResponse,
+               view: memoryview) -> tuple[int, OSError | http.client.HTTPException | None]:
+    """Fill VIEW from RESP as far as the data goes: (bytes read, the error that stopped it).
+
+    Bytes that arrived before a stall or a reset are kept, so the resume starts after
+    them: readinto() loses what its buffered reader had gathered when the error comes,
+    and a link that stalls every few hundred kB would never get past its first MiB.
+    """
+    got = 0
+    while got < len(view):
+        try:
+            n = resp.readinto1(view[got:])
+        except (OSError, http.client.HTTPException) as e:
+            return got, e
+        if n == 0:
+            break
+        got += n
+    return got, None
+
+
 class Download:
     """One file fetched from a list of mirror URLs into a sink, across failures."""
 
@@ -260,12 +280,12 @@ class Download:
                     got_any = False
                     while remaining is None or remaining > 0:
                         want = CHUNK if remaining is None else min(CHUNK, remaining + skip)
-                        try:
-                            n = resp.readinto(view[:want])
-                        except (OSError, http.client.HTTPException) as e:
-                            raise TransientFetchError(
-                                f"{final_url}: {_describe(e)} after {offset} bytes") from e
+                        n, failure = _read_some(resp, view[:want])
                         if n == 0:
+                            if failure is not None:
+                                raise TransientFetchError(
+                                    f"{final_url}: {_describe(failure)} after {offset} bytes"
+                                ) from failure
                             if remaining is None:
                                 break
                             raise TransientFetchError(
@@ -285,6 +305,10 @@ class Download:
                             if not got_any:
                                 got_any = True
                                 self.budget.progressed()
+                        if failure is not None:
+                            raise TransientFetchError(
+                                f"{final_url}: {_describe(failure)} after {offset} bytes"
+                            ) from failure
                 finally:
                     conn.close()
                 return DownloadResult(url=final_url, size=offset, requests=self.requests,
