@@ -168,6 +168,21 @@ def test_stall_mid_body_times_out_and_resumes(matrix: Matrix, good: Root,
                     f"{elapsed:.1f} s (stall detected after the 1 s timeout)")
 
 
+def test_stall_inside_the_first_read_keeps_the_bytes_received(matrix: Matrix, good: Root,
+                                                              scene: Scene) -> None:
+    matrix.case("HTTP", "stall after 700,000 bytes, twice (less than one 1 MiB read)",
+                "survived")
+    with serve(site(good)) as srv:
+        srv.script(IMAGE, stall(700_000, 3.0), stall(700_000, 3.0))
+        fetch(srv.url + IMAGE[1:], scene, retries=2, timeout=1.0)
+    assert_root_is(scene, good)
+    # every byte that arrived before a stall counts: a link that stalls every 700 kB
+    # still makes progress instead of starting again from byte 0 each time
+    assert [h.range for h in srv.requests_for(IMAGE)] == [
+        None, "bytes=700000-", "bytes=1400000-"]
+    matrix.evidence("3 image requests: `Range: bytes=700000-`, then `bytes=1400000-`")
+
+
 def test_short_body_resumes_at_the_exact_byte(matrix: Matrix, good: Root,
                                               scene: Scene) -> None:
     matrix.case("HTTP", "body ends cleanly 700,000 bytes in (short of Content-Length)",
