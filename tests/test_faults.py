@@ -303,6 +303,39 @@ def test_bytes_flipped_in_transit_once_refetches_the_root(matrix: Matrix, good: 
                     "and image 2 requests each; tree equal")
 
 
+def test_layer_2_failing_verification_refetches_layer_1_too(matrix: Matrix, good: Root,
+                                                            other: Root, scene: Scene) -> None:
+    matrix.case("Verification", "2 layers: layer 2's bytes flipped once (layer 1 already "
+                "extracted)", "survived")
+    files = site(good, "l1")
+    files.update(site(other, "l2"))
+    with serve(files) as srv:
+        srv.script("/l2/root.tar.zst", flip(1_500_000))
+        fetch(f"{srv.url}l1/root.tar.zst,{srv.url}l2/root.tar.zst", scene, retries=1)
+    # layer 2 overwrites every file of layer 1 (same paths): the tree is layer 2's
+    assert snapshot(scene.target) == other.snapshot
+    scene.assert_outside_untouched()
+    assert (srv.count("/l1/root.tar.zst"), srv.count("/l2/root.tar.zst")) == (2, 2)
+    matrix.evidence("target emptied, the root fetched again from layer 1: each layer's "
+                    "image 2 requests; tree equal")
+
+
+def test_layer_2_missing_empties_the_extracted_layer_1(matrix: Matrix, good: Root,
+                                                       scene: Scene) -> None:
+    matrix.case("HTTP", "2 layers: layer 2's image 404 after layer 1 was extracted",
+                "refused")
+    files = site(good, "l1")
+    files.update(site(good, "l2"))
+    del files["/l2/root.tar.zst"]
+    with serve(files) as srv, pytest.raises(PermanentHTTPError) as e:
+        fetch(f"{srv.url}l1/root.tar.zst,{srv.url}l2/root.tar.zst", scene, retries=2)
+    assert (srv.count("/l1/root.tar.zst"), srv.count("/l2/root.tar.zst")) == (1, 1)
+    scene.assert_empty()  # layer 1 had been extracted: a half root is never left
+    scene.assert_outside_untouched()
+    matrix.evidence("layer 1 extracted, then emptied; no retry for a 404; "
+                    f"`{e.value}`".replace(srv.url, "http://H/"))
+
+
 def test_bytes_flipped_every_time_fail_naming_url_and_hashes(matrix: Matrix, good: Root,
                                                              scene: Scene) -> None:
     matrix.case("Verification", "bytes flipped in transit on every download (retries=1)",
