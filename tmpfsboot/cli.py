@@ -28,8 +28,10 @@ from .boot.log import EventLog, setup_logging
 
 log = logging.getLogger("tmpfsboot")
 
-# Host modules that add verbs of their own: each defines add_parser(subparsers).
+# Host modules that add a verb of the same name: each defines add_parser(subparsers).
+# Only the one asked for is imported, so `fetch` starts without the server and the VM code.
 VERB_MODULES: tuple[str, ...] = ("image", "serve", "initramfs", "demo")
+OWN_VERBS = ("cmdline", "fetch")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -87,7 +89,8 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-def build_parser() -> ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> ArgumentParser:
+    """The parser; with ARGV, only the verb module ARGV names is imported."""
     parser = ArgumentParser(prog="tmpfsboot", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"tmpfsboot {__version__}")
     parser.add_argument("--debug", action="store_true", help="debug logging and tracebacks")
@@ -126,8 +129,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--log", metavar="FILE", help="append JSON-lines events to FILE")
     p.set_defaults(func=cmd_fetch)
 
+    verb = next((a for a in argv if not a.startswith("-")), None)
     for name in VERB_MODULES:
-        importlib.import_module(f"tmpfsboot.{name}").add_parser(sub)
+        if verb is None or verb == name or verb not in VERB_MODULES + OWN_VERBS:
+            importlib.import_module(f"tmpfsboot.{name}").add_parser(sub)
     return parser
 
 
@@ -137,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     setup_logging(debug=debug, quiet="--quiet" in argv)
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
         code: int = args.func(args)
         return code
     except TmpfsbootError as e:

@@ -52,7 +52,7 @@ class ExtractStats:
     whiteouts: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Member:
     name: str
     type: bytes
@@ -70,17 +70,15 @@ class _Member:
 
 def _number(field_: bytes, what: str) -> int:
     """A numeric header field: octal text, or GNU base-256 when the high bit is set."""
-    if field_ and field_[0] & 0x80:
+    if field_[0] & 0x80:
         value = int.from_bytes(field_[1:], "big")
         if field_[0] & 0x40:  # negative base-256
             value -= 1 << (8 * (len(field_) - 1))
         return value
-    text = field_.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
     try:
-        return int(text, 8)
+        return int(field_.strip(b" \0") or b"0", 8)
     except ValueError:
+        text = field_.split(b"\0", 1)[0].strip(b" ")
         raise ArchiveError(f"corrupt tar header: bad {what} field {text!r}") from None
 
 
@@ -90,9 +88,11 @@ def _text(field_: bytes) -> str:
 
 def _checksum_ok(header: bytes) -> bool:
     """The header checksum, counted over unsigned bytes (or signed, as old tars did)."""
-    stored = _number(header[148:156], "checksum")
-    unsigned = sum(header[:148]) + 8 * 0x20 + sum(header[156:])
-    if unsigned == stored:
+    try:
+        stored = int(header[148:156].strip(b" \0") or b"0", 8)
+    except ValueError:
+        return False
+    if sum(header) - sum(header[148:156]) + 8 * 0x20 == stored:
         return True
     signed: int = sum(struct.unpack("148b", header[:148])) + 8 * 0x20
     signed += sum(struct.unpack("356b", header[156:]))
@@ -129,6 +129,8 @@ def normalize_name(name: str) -> str:
 
     Raises UnsafeMemberError for `..` components, as tar would be tricked by them.
     """
+    if not (name.startswith(("/", ".")) or "//" in name or "/." in name):
+        return name.rstrip("/")  # the common case: already plain
     parts = [p for p in name.split("/") if p and p != "."]
     if ".." in parts:
         raise UnsafeMemberError(f"refusing tar member {name!r}: it contains '..'")
@@ -184,35 +186,36 @@ def _read_id_table(path: str) -> dict[str, int]:
 
 
 class _Reader:
-    """Exact reads from a pipe, with as few copies as possible."""
+    """Exact reads from a pipe into one reused buffer (a fresh 1 MiB per read costs page
+    faults), with as few copies as possible."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.buf = b""
+        self.buf = bytearray(READ_SIZE)
         self.view = memoryview(self.buf)
         self.pos = 0
+        self.end = 0
 
     def _fill(self) -> bool:
-        self.buf = os.read(self.fd, READ_SIZE)
-        self.view = memoryview(self.buf)
+        self.end = os.readv(self.fd, [self.buf])
         self.pos = 0
-        return bool(self.buf)
+        return self.end > 0
 
     def read(self, n: int) -> bytes:
         """Exactly N bytes; b'' at a clean end of stream; ArchiveError if cut short."""
-        if len(self.buf) - self.pos >= n:
-            data = self.buf[self.pos : self.pos + n]
+        if self.end - self.pos >= n:
+            data = bytes(self.view[self.pos : self.pos + n])
             self.pos += n
             return data
-        parts = [self.buf[self.pos :]]
+        parts = [bytes(self.view[self.pos : self.end])]
         have = len(parts[0])
         while have < n:
             if not self._fill():
                 if have == 0:
                     return b""
                 raise ArchiveError("truncated archive: the stream ended inside a member")
-            take = min(n - have, len(self.buf))
-            parts.append(self.buf[:take])
+            take = min(n - have, self.end)
+            parts.append(bytes(self.view[:take]))
             self.pos = take
             have += take
         return b"".join(parts)
@@ -220,9 +223,9 @@ class _Reader:
     def copy(self, fd: int, n: int, name: str) -> None:
         """Write the next N bytes to FD."""
         while n > 0:
-            if self.pos >= len(self.buf) and not self._fill():
+            if self.pos >= self.end and not self._fill():
                 raise ArchiveError(f"truncated archive: the stream ended inside {name!r}")
-            take = min(n, len(self.buf) - self.pos)
+            take = min(n, self.end - self.pos)
             chunk = self.view[self.pos : self.pos + take]
             while chunk:
                 written = os.write(fd, chunk)
@@ -232,9 +235,9 @@ class _Reader:
 
     def skip(self, n: int) -> None:
         while n > 0:
-            if self.pos >= len(self.buf) and not self._fill():
+            if self.pos >= self.end and not self._fill():
                 raise ArchiveError("truncated archive: the stream ended inside a member")
-            take = min(n, len(self.buf) - self.pos)
+            take = min(n, self.end - self.pos)
             self.pos += take
             n -= take
 
@@ -248,9 +251,14 @@ class Extractor:
         # logical directory path -> real path relative to root, known to be a directory
         self._dirs: dict[str, str] = {"": ""}
         self._layer_paths: set[str] = set()
-        self._deferred_dirs: list[tuple[str, _Member]] = []
+        self._deferred_dirs: list[tuple[str, str, _Member]] = []
         self._ids: tuple[dict[str, int], dict[str, int]] | None = None
         self._unsupported: set[str] = set()
+        self._euid, self._egid = os.geteuid(), os.getegid()
+        # directories (real relative paths) whose setgid bit makes new files inherit a group
+        self._setgid_dirs: set[str] = set()
+        if os.lstat(self.root).st_mode & stat.S_ISGID:
+            self._setgid_dirs.add("")
 
     # -- path resolution, as if root were "/" -------------------------------------------
 
@@ -283,6 +291,8 @@ class Extractor:
             os.mkdir(self._real(candidate), 0o755)
             return candidate
         if stat.S_ISDIR(st.st_mode):
+            if st.st_mode & stat.S_ISGID:
+                self._setgid_dirs.add(candidate)
             return candidate
         if stat.S_ISLNK(st.st_mode):
             if depth >= MAX_SYMLINK_DEPTH:
@@ -326,6 +336,13 @@ class Extractor:
         UnsafeMemberError (naming the member) for anything that would leave the root,
         ArchiveError for a corrupt or truncated archive, SpaceError when the target fills.
         """
+        umask = os.umask(0)  # files are created with their final mode
+        try:
+            return self._extract(fd, label)
+        finally:
+            os.umask(umask)
+
+    def _extract(self, fd: int, label: str) -> ExtractStats:
         reader = _Reader(fd)
         stats = ExtractStats()
         self._layer_paths = set()
@@ -383,12 +400,16 @@ class Extractor:
 
     def _member(self, header: bytes, typeflag: bytes, size: int, pax: dict[str, bytes],
                 long_name: str | None, long_link: str | None) -> _Member:
-        name = _text(header[0:100])
-        if header[257:263] == b"ustar\0" and header[345] != 0:  # POSIX ustar prefix
-            name = _text(header[345:500]) + "/" + name
         if long_name is not None:
             name = long_name
-        linkname = long_link if long_link is not None else _text(header[157:257])
+        else:
+            name = _text(header[0:100])
+            if header[345] and header[257:263] == b"ustar\0":  # POSIX ustar prefix
+                name = _text(header[345:500]) + "/" + name
+        if long_link is not None:
+            linkname = long_link
+        else:
+            linkname = _text(header[157:257]) if header[157] else ""
         mtime_ns = _number(header[136:148], "mtime") * 1_000_000_000
         uid = _number(header[108:116], "uid")
         gid = _number(header[116:124], "gid")
@@ -436,7 +457,7 @@ class Extractor:
         kind = m.type
         if not name:
             if kind == b"5":  # "./": the root directory itself
-                self._deferred_dirs.append((self.root, m))
+                self._deferred_dirs.append(("", self.root, m))
                 self._set_owner_xattrs(self.root, m, follow=True)
                 return
             raise UnsafeMemberError(f"refusing tar member {m.name!r}: it names the root")
@@ -448,7 +469,7 @@ class Extractor:
         rel, path = self._place(name, m.name)
         self._layer_paths.add(rel)
         if kind in _REGULAR:
-            self._write_file(path, m, reader)
+            self._write_file(rel, path, m, reader)
             stats.files += 1
             stats.bytes += m.size
         elif kind == b"5":
@@ -486,17 +507,24 @@ class Extractor:
             self._remove(path)
             create()
 
-    def _write_file(self, path: str, m: _Member, reader: _Reader) -> None:
+    def _write_file(self, rel: str, path: str, m: _Member, reader: _Reader) -> None:
+        # Created with its final mode (the umask is 0 while extracting): most files of a
+        # root belong to root, so neither fchown nor fchmod is needed - the hot path.
         try:
-            fd = os.open(path, _O_CREATE, 0o600)
+            fd = os.open(path, _O_CREATE, m.mode)
         except FileExistsError:
             self._remove(path)
-            fd = os.open(path, _O_CREATE, 0o600)
+            fd = os.open(path, _O_CREATE, m.mode)
         try:
             if m.size:
                 reader.copy(fd, m.size, m.name)
-            self._set_owner_xattrs(fd, m, follow=True)
-            os.fchmod(fd, m.mode)  # after chown, which clears setuid bits
+            if self.same_owner and (m.uid != self._euid or m.gid != self._egid
+                                    or rel.rpartition("/")[0] in self._setgid_dirs):
+                os.fchown(fd, m.uid, m.gid)
+                if m.mode & 0o6000:
+                    os.fchmod(fd, m.mode)  # chown cleared the setuid and setgid bits
+            if m.xattrs or m.acls:
+                self._set_xattrs(fd, m, follow=True)  # after chown and data: both clear caps
             os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
         finally:
             os.close(fd)
@@ -517,20 +545,29 @@ class Extractor:
             if not stat.S_ISDIR(st.st_mode):
                 self._remove(path)
                 os.mkdir(path, 0o700)
+            elif st.st_mode & stat.S_ISGID:
+                self._setgid_dirs.add(rel)
         self._dirs[name] = rel
         self._set_owner_xattrs(path, m, follow=False)
-        self._deferred_dirs.append((path, m))
+        self._deferred_dirs.append((rel, path, m))
 
     def _finish_dirs(self) -> None:
         """Directory modes and mtimes last, deepest first: writing children changes them."""
-        for path, m in reversed(self._deferred_dirs):
+        for rel, path, m in reversed(self._deferred_dirs):
             os.chmod(path, m.mode)
             os.utime(path, ns=(m.mtime_ns, m.mtime_ns))
+            if m.mode & stat.S_ISGID:
+                self._setgid_dirs.add(rel)
+            else:
+                self._setgid_dirs.discard(rel)
         self._deferred_dirs = []
 
     def _set_owner_xattrs(self, target: int | str, m: _Member, *, follow: bool) -> None:
         if self.same_owner:
             os.chown(target, m.uid, m.gid, follow_symlinks=follow)
+        self._set_xattrs(target, m, follow=follow)
+
+    def _set_xattrs(self, target: int | str, m: _Member, *, follow: bool) -> None:
         for key, value in m.xattrs.items():
             self._set_xattr(target, key, value, follow=follow)
         for kind, text in m.acls.items():

@@ -60,7 +60,8 @@ class RetryBudget:
     The delay after the k-th failure in a row is drawn from [d, 4d] with d = BACKOFF * 2**k,
     at most 30 * BACKOFF (the boot default, 10 s, gives the seed's 10-39 s at first). When
     the server said when to come back (Retry-After), that time is used instead, stretched
-    by up to half so that a fleet told the same time does not return all at once.
+    by up to half so that a fleet told the same time does not return all at once (and at
+    least min(BACKOFF, 1 s), whatever the server said).
     """
 
     retries: int | None
@@ -73,7 +74,8 @@ class RetryBudget:
     def delay(self, retry_after: float | None = None) -> float:
         """The next back-off delay in seconds."""
         if retry_after is not None:
-            return retry_after * self.rng.uniform(1.0, 1.5)
+            # floored: "Retry-After: 0" (or a past date) must not become a tight loop
+            return max(retry_after, min(self.backoff, 1.0)) * self.rng.uniform(1.0, 1.5)
         base = self.backoff * (2 ** min(self.streak, 16))
         return min(self.rng.uniform(base, 4 * base), 30 * self.backoff)
 
