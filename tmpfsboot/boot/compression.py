@@ -10,6 +10,7 @@ from __future__ import annotations
 import bz2
 import contextlib
 import enum
+import fcntl
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from .run import find_program, spawn, wait_stage
 log = logging.getLogger("tmpfsboot")
 
 _TAR_MAGIC_OFFSET = 257
+PIPE_SIZE = 1 << 20
 
 
 class Compression(enum.Enum):
@@ -88,6 +90,8 @@ class ChildDecompressor:
         self.proc = spawn(argv, stdin=subprocess.PIPE, stdout=out_fd, stderr=subprocess.PIPE)
         assert self.proc.stdin is not None
         self._fd = self.proc.stdin.fileno()
+        with contextlib.suppress(OSError):  # fewer wake-ups than the default 64 KiB
+            fcntl.fcntl(self._fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
     def write(self, data: memoryview | bytes) -> None:
         view = memoryview(data)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from .cmdline import DEFAULT_BACKOFF, Layer, NetFacts, Verify, resolve_url
 from .compression import (
     MAGIC_SIZE,
+    PIPE_SIZE,
     ChildDecompressor,
     Compression,
     InProcessDecompressor,
@@ -51,7 +52,6 @@ from .log import NO_EVENTS, EventLog, format_bytes, phase
 
 log = logging.getLogger("tmpfsboot")
 
-PIPE_SIZE = 1 << 20
 
 
 @dataclass(frozen=True)
