@@ -4,7 +4,6 @@ Debian's nginx started from the configuration text in docs/nginx.md."""
 from __future__ import annotations
 
 import contextlib
-import logging
 import re
 import socket
 import subprocess
@@ -14,16 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 NGINX = Path("/usr/sbin/nginx")
-
-
-def reset_tmpfsboot_logging() -> None:
-    """Undo what cli.main's setup_logging did: its handler writes to the sys.stderr of
-    the moment, which pytest closes after the test, while server threads keep logging.
-    Records propagate to pytest's own handlers instead."""
-    logger = logging.getLogger("tmpfsboot")
-    logger.handlers[:] = []
-    logger.propagate = True
-    logger.setLevel(logging.INFO)
 NGINX_DOC = Path(__file__).resolve().parent.parent / "docs" / "nginx.md"
 
 

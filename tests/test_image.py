@@ -22,7 +22,6 @@ from helpers_image import (
     snapshot_tree,
     throwaway_gpg_key,
 )
-from helpers_serve import reset_tmpfsboot_logging
 
 from tmpfsboot import cli
 from tmpfsboot.boot.errors import TmpfsbootError, UsageError
@@ -38,13 +37,6 @@ from tmpfsboot.image import (
 )
 
 H1, H2 = "a" * 64, "b" * 64
-
-
-@pytest.fixture(autouse=True)
-def _clean_logging() -> Iterator[None]:
-    reset_tmpfsboot_logging()
-    yield
-    reset_tmpfsboot_logging()
 
 
 

@@ -18,7 +18,6 @@ from helpers_serve import (
     held_streams,
     nginx_blocks,
     nginx_origin,
-    reset_tmpfsboot_logging,
     running_nginx,
 )
 
@@ -27,13 +26,6 @@ from tmpfsboot.image import build_image
 pytestmark = pytest.mark.skipif(not NGINX.exists(), reason="/usr/sbin/nginx is absent")
 
 SLICE = 8 << 20
-
-
-@pytest.fixture(autouse=True)
-def _clean_logging() -> Iterator[None]:
-    reset_tmpfsboot_logging()
-    yield
-    reset_tmpfsboot_logging()
 
 
 

@@ -25,20 +25,11 @@ from helpers_serve import (
     has_slice_module,
     held_streams,
     nginx_origin,
-    reset_tmpfsboot_logging,
     running_nginx,
 )
 
 from tmpfsboot.image import build_image
 from tmpfsboot.serve import ImageServer, start_server
-
-
-@pytest.fixture(autouse=True)
-def _clean_logging() -> Iterator[None]:
-    reset_tmpfsboot_logging()
-    yield
-    reset_tmpfsboot_logging()
-
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_serve import free_port, get, held_streams, raw_request, reset_tmpfsboot_logging
+from helpers_serve import free_port, get, held_streams, raw_request
 
 from tmpfsboot.boot.errors import UsageError
 from tmpfsboot.serve import (
@@ -32,13 +32,6 @@ from tmpfsboot.serve import (
 )
 
 # -- unit -------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _clean_logging() -> Iterator[None]:
-    reset_tmpfsboot_logging()
-    yield
-    reset_tmpfsboot_logging()
 
 
 

@@ -17,11 +17,24 @@ log = logging.getLogger("tmpfsboot")
 PROGRESS_INTERVAL = 3.0
 
 
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever sys.stderr is when a record comes, not when it was set up (a
+    server thread may log after a test harness swapped stderr back and closed its own)."""
+
+    @property
+    def stream(self) -> IO[str]:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: IO[str]) -> None:
+        pass
+
+
 def setup_logging(
     *, debug: bool = False, quiet: bool = False, stream: IO[str] | None = None
 ) -> None:
     """One handler on stderr (the console at boot): `tmpfsboot: message` lines."""
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream else _StderrHandler()
     handler.setFormatter(logging.Formatter("tmpfsboot: %(message)s"))
     log.handlers[:] = [handler]
     log.propagate = False
