@@ -9,7 +9,7 @@ STAMP    := $(VENV)/.installed
 # Debian packages the engine, the image tools, the tests and the VM boot need.
 DEB_PACKAGES := \
 	python3.11-minimal python3-venv \
-	tar xz-utils pixz zstd pigz bzip2 gpgv gnupg attr acl curl ca-certificates \
+	tar xz-utils pixz zstd pigz bzip2 gpgv gnupg attr acl curl ca-certificates openssl \
 	initramfs-tools busybox-static kmod cpio linux-image-amd64 qemu-system-x86 \
 	nginx-light debootstrap shellcheck iproute2 libcap2-bin
 

@@ -134,7 +134,9 @@ def _connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, s
     if parts.scheme == "https":
         import ssl  # only loaded for https: it costs start-up time in the initramfs
 
-        cafile = next((c for c in CA_BUNDLES if os.path.exists(c)), None)
+        # SSL_CERT_FILE as OpenSSL reads it, else the bundle the hook copied in
+        cafile = os.environ.get("SSL_CERT_FILE") or next(
+            (c for c in CA_BUNDLES if os.path.exists(c)), None)
         context = ssl.create_default_context(cafile=cafile)
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
             parts.hostname or "", parts.port, timeout=timeout, context=context
