@@ -25,9 +25,16 @@ from tmpfsboot.boot.log import EventLog
 pytestmark = pytest.mark.integration
 
 
+REQUESTS: list[str] = []
+
+
 class _QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         pass
+
+    def do_GET(self) -> None:
+        REQUESTS.append(self.path)
+        super().do_GET()
 
 
 @pytest.fixture
@@ -35,6 +42,7 @@ def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     """A directory served over HTTP on 127.0.0.1, and its base URL."""
     root = tmp_path / "www"
     root.mkdir()
+    REQUESTS.clear()
     handler = functools.partial(_QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -132,6 +140,9 @@ def test_layers_extract_in_order_with_hostname_substitution(
     events.close()
     assert (target / "etc/hostname").read_bytes() == b"node7\n"
     assert (target / "etc/motd").read_bytes() == b"base\n"
+    # one SHA256SUMS serves both layers of the directory
+    assert sorted(REQUESTS) == ["/SHA256SUMS", "/base.manifest.json", "/base.tar.zst",
+                                "/node7.manifest.json", "/node7.tar.gz"]
     records = [json.loads(line) for line in log_path.read_text().splitlines()]
     layers = [r for r in records if r["event"] == "phase" and "layer" in r]
     assert [r["layer"] for r in layers] == [1, 2]

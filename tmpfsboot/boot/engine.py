@@ -73,29 +73,49 @@ def manifest_name(image: str) -> str:
     return image + ".manifest.json"
 
 
+# SHA256SUMS already fetched (and its signature checked) in this attempt at the root,
+# by the mirror URLs asked: layers in one directory share one SHA256SUMS.
+SumsCache = dict[tuple[str, ...], tuple[bytes, str]]
+
+
+def _fetch_sums(sums_urls: list[str], number: int, *, verify: Verify, keyring: str | None,
+                budget: RetryBudget, timeout: float, cache: SumsCache) -> tuple[bytes, str]:
+    """(SHA256SUMS, the URL it came from), its signature checked in signature mode."""
+    from .verify import check_signature
+
+    key = tuple(sums_urls)
+    if key in cache:
+        return cache[key]
+    try:
+        sums, sums_url = fetch_bytes(sums_urls, budget=budget, timeout=timeout,
+                                     label="SHA256SUMS")
+    except PermanentHTTPError as e:
+        raise VerificationError(f"no SHA256SUMS for layer {number}: {e}") from e
+    if verify is Verify.SIGNATURE:
+        assert keyring is not None
+        try:
+            signature, _ = fetch_bytes([sums_url + ".gpg"], budget=budget,
+                                       timeout=timeout, label="SHA256SUMS.gpg")
+        except PermanentHTTPError as e:
+            raise VerificationError(f"no signature for {sums_url}: {e}") from e
+        check_signature(sums, signature, keyring=keyring, what=sums_url)
+    cache[key] = (sums, sums_url)
+    return sums, sums_url
+
+
 def _fetch_metadata(number: int, urls: list[str], *, verify: Verify, keyring: str | None,
-                    budget: RetryBudget, timeout: float, preflight: bool) -> LayerSource:
+                    budget: RetryBudget, timeout: float, preflight: bool,
+                    cache: SumsCache) -> LayerSource:
     """SHA256SUMS (and its signature) and the manifest of one layer."""
-    from .verify import check_signature, expected_hash
+    from .verify import expected_hash
 
     sha256 = None
     candidates = list(urls)
     while verify is not Verify.NO and sha256 is None:
         # the SHA256SUMS beside the first mirror that answers, and which lists its image
         sums_urls = sibling_urls(candidates, "SHA256SUMS")
-        try:
-            sums, sums_url = fetch_bytes(sums_urls, budget=budget, timeout=timeout,
-                                         label="SHA256SUMS")
-        except PermanentHTTPError as e:
-            raise VerificationError(f"no SHA256SUMS for layer {number}: {e}") from e
-        if verify is Verify.SIGNATURE:
-            assert keyring is not None
-            try:
-                signature, _ = fetch_bytes([sums_url + ".gpg"], budget=budget,
-                                           timeout=timeout, label="SHA256SUMS.gpg")
-            except PermanentHTTPError as e:
-                raise VerificationError(f"no signature for {sums_url}: {e}") from e
-            check_signature(sums, signature, keyring=keyring, what=sums_url)
+        sums, sums_url = _fetch_sums(sums_urls, number, verify=verify, keyring=keyring,
+                                     budget=budget, timeout=timeout, cache=cache)
         image_url = candidates[sums_urls.index(sums_url)] if sums_url in sums_urls else urls[0]
         try:
             sha256 = expected_hash(sums.decode("utf-8", "replace"), image_name(image_url),
@@ -324,9 +344,10 @@ def _fetch_once(urls: list[list[str]], target: str, *, verify: Verify, keyring: 
                 budget: RetryBudget, timeout: float, events: EventLog,
                 preflight: bool) -> None:
     with phase("Fetching checksums and manifests", events):
+        cache: SumsCache = {}
         sources = [
             _fetch_metadata(i, u, verify=verify, keyring=keyring, budget=budget,
-                            timeout=timeout, preflight=preflight)
+                            timeout=timeout, preflight=preflight, cache=cache)
             for i, u in enumerate(urls, 1)
         ]
     if preflight:
