@@ -6,14 +6,16 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers_image import throwaway_gpg_key
 
 from tmpfsboot.demo import build_demo_root, build_layer
 from tmpfsboot.image import build_image
+from tmpfsboot.initramfs import build_initramfs
 from tmpfsboot.serve import start_server
 from tmpfsboot.vm import BootResult, boot_vm, can_use_kvm, guest_url, qemu_argv
 
@@ -172,3 +174,46 @@ def test_qemu_reaches_only_the_loopback_server() -> None:
                       "guestfwd=tcp:10.0.2.100:80-cmd:/bin/busybox nc 127.0.0.1 8080")
     assert "-no-reboot" in argv
     assert argv[argv.index("-append") + 1] == "console=ttyS0 panic=5 net.ifnames=0 root=x"
+
+
+@pytest.fixture(scope="module")
+def signed(tmp_path_factory: pytest.TempPathFactory, kernel_version: str,
+           test_scripts: Path) -> Iterator[tuple[Images, Path, Path]]:
+    """(images signed with a throw-away key, an initramfs whose keyring trusts it, tmp)."""
+    tmp = tmp_path_factory.mktemp("signed")
+    with throwaway_gpg_key() as key:
+        images = Images(tmp)
+        # re-sign: Images built them unsigned; one more build with --sign signs SHA256SUMS
+        build_image(tmp / "base", images.dir, "base", sign=key.fingerprint,
+                    gpg_homedir=key.homedir)
+        initrd = build_initramfs(tmp / "initrd.img", kernel=kernel_version, modules="list",
+                                 scripts=test_scripts, keyring=key.keyring)
+        yield images, initrd, tmp
+
+
+def test_signed_images_boot_with_keyring_in_initramfs(kernel: Path,
+                                                      signed: tuple[Images, Path, Path]) -> None:
+    images, initrd, _ = signed
+    with start_server(images.dir, access_log=False) as server:
+        result = boot(kernel, initrd, server.port, f"root={images.root('base', 'common')}")
+    assert f"NONCE: {images.nonce}" in result.console, "\n".join(tmpfsboot_lines(result))
+    # no tmpfs.verify=: a keyring in the initramfs makes signature the default
+    assert any("SHA256SUMS: good signature" in line for line in tmpfsboot_lines(result))
+
+
+def test_bad_signature_panics_and_never_runs_init(kernel: Path,
+                                                  signed: tuple[Images, Path, Path]) -> None:
+    images, initrd, tmp = signed
+    forged = tmp / "forged"
+    forged.mkdir()
+    for f in images.dir.iterdir():
+        (forged / f.name).write_bytes(f.read_bytes())
+    with open(forged / "SHA256SUMS", "a") as sums:
+        sums.write(f"{'1' * 64}  extra.tar.zst\n")  # changed after signing
+    with start_server(forged, access_log=False) as server:
+        result = boot(kernel, initrd, server.port, f"root={images.root('base')}",
+                      "tmpfs.retries=0")
+    assert images.nonce not in result.console
+    assert any("bad signature" in line for line in tmpfsboot_lines(result)), \
+        "\n".join(tmpfsboot_lines(result))
+    assert result.has_line("Rebooting automatically due to panic= boot argument")

@@ -99,6 +99,7 @@ def _fetch_sums(sums_urls: list[str], number: int, *, verify: Verify, keyring: s
         except PermanentHTTPError as e:
             raise VerificationError(f"no signature for {sums_url}: {e}") from e
         check_signature(sums, signature, keyring=keyring, what=sums_url)
+        log.info("%s: good signature (keyring %s)", sums_url, keyring)
     cache[key] = (sums, sums_url)
     return sums, sums_url
 
