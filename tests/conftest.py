@@ -1,12 +1,7 @@
-"""Shared fixtures: one real initramfs per session, a loopback server that fails on purpose."""
+"""Shared fixtures: the kernel and one real initramfs per session, with test hook scripts."""
 
 from __future__ import annotations
 
-import contextlib
-import http.server
-import threading
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -72,55 +67,3 @@ def initrd(tmp_path_factory: pytest.TempPathFactory, kernel_version: str,
     """The session's initramfs: real mkinitramfs -d, MODULES=list, tmpfsboot, TEST_HOOKS."""
     out = tmp_path_factory.mktemp("initrd") / "initrd.img"
     return build_initramfs(out, kernel=kernel_version, modules="list", scripts=test_scripts)
-
-
-@dataclass
-class FailingServer:
-    """A loopback HTTP server whose first FAIL_FIRST requests get 503."""
-
-    port: int
-    fail_first: int
-    requests: list[tuple[str, int]] = field(default_factory=list)
-
-
-@pytest.fixture
-def serve_failing() -> Callable[..., contextlib.AbstractContextManager[FailingServer]]:
-    """start_failing_server, as a fixture."""
-    return start_failing_server
-
-
-@contextlib.contextmanager
-def start_failing_server(root: Path, *, fail_first: int,
-                         retry_after: int = 1) -> Iterator[FailingServer]:
-    """Serve ROOT on 127.0.0.1; the first FAIL_FIRST requests get 503 with Retry-After."""
-    lock = threading.Lock()
-    state = FailingServer(port=0, fail_first=fail_first)
-
-    class Handler(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, directory=str(root), **kwargs)  # type: ignore[arg-type]
-
-        def do_GET(self) -> None:
-            with lock:
-                failing = len(state.requests) < state.fail_first
-                state.requests.append((self.path, 503 if failing else 200))
-            if failing:
-                self.send_response(503)
-                self.send_header("Retry-After", str(retry_after))
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            super().do_GET()
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.port = server.server_address[1]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield state
-    finally:
-        server.shutdown()
-        server.server_close()
