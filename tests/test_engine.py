@@ -19,7 +19,7 @@ from helpers_image import mounted_tmpfs
 
 from tmpfsboot.boot.cmdline import NetFacts, Verify, parse_root
 from tmpfsboot.boot.engine import fetch_root
-from tmpfsboot.boot.errors import CommandError
+from tmpfsboot.boot.errors import CommandError, UsageError
 from tmpfsboot.boot.log import EventLog
 
 pytestmark = pytest.mark.integration
@@ -183,3 +183,8 @@ def test_boot_package_imports_with_standard_library_only(tmp_path: Path) -> None
                           capture_output=True, text=True, check=False, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_fetch_refuses_the_host_root_as_target() -> None:
+    with pytest.raises(UsageError, match="onto / itself"):
+        fetch("http://127.0.0.1:9/root.tar", Path("/"))

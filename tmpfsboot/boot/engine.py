@@ -315,6 +315,9 @@ def fetch_root(
         raise UsageError("verify=signature needs a keyring (--keyring or TMPFS_KEYRING)")
     if not os.path.isdir(target):
         raise UsageError(f"{target}: not a directory")
+    if os.path.realpath(target) == "/":
+        # a failed root is emptied: never this one
+        raise UsageError(f"{target}: refusing to extract a root onto / itself")
     urls = [[resolve_url(m, facts) for m in layer.mirrors] for layer in layers]
     budget = RetryBudget(retries, backoff, wait)
     started = time.monotonic()
