@@ -116,7 +116,7 @@ class InProcessDecompressor:
     """The standard library's gzip, xz or bzip2 decoder (or none, for plain tar)."""
 
     def __init__(self, compression: Compression, out_fd: int) -> None:
-        self.name = f"python {compression.value}"
+        self.name = "python"
         self.compression = compression
         self.out_fd = out_fd
         self._obj = self._new()

@@ -241,8 +241,11 @@ def _drain(fd: int) -> None:
 
 
 def fetch_layer(source: LayerSource, extractor: Extractor, *, budget: RetryBudget,
-                timeout: float, label: str) -> tuple[ExtractStats, DownloadResult]:
+                timeout: float, label: str) -> tuple[ExtractStats, DownloadResult, str]:
     """Stream one layer into the extractor; verify its hash once every byte went through.
+
+    Returns what the extractor and the download did, and how the layer was decompressed
+    (e.g. "zstd", "xz by pixz", "gzip by python").
 
     Raises VerificationError (a RestartRoot) when the bytes do not match SHA256SUMS,
     ArchiveError/UnsafeMemberError when the image itself is bad, FetchError when it
@@ -282,8 +285,13 @@ def fetch_layer(source: LayerSource, extractor: Extractor, *, budget: RetryBudge
         if isinstance(error, SpaceError | UnsafeMemberError):
             raise error
         raise ArchiveError(f"{url}: {error}") from error
-    assert pipe.result is not None
-    return stats, pipe.result
+    assert pipe.result is not None and pipe.compression is not None
+    how = pipe.compression.value
+    if pipe.compression is Compression.NONE:
+        how = "uncompressed"
+    elif pipe.decompressor is not None and pipe.decompressor.name != how:
+        how += f" by {pipe.decompressor.name}"
+    return stats, pipe.result, how
 
 
 def fetch_root(
@@ -363,11 +371,12 @@ def _fetch_once(urls: list[list[str]], target: str, *, verify: Verify, keyring: 
         with phase(f"Fetching {label}: {' | '.join(source.urls)}", events,
                    layer=source.number) as figures:
             retries_before = budget.used
-            stats, result = fetch_layer(source, extractor, budget=budget, timeout=timeout,
-                                        label=label)
+            stats, result, how = fetch_layer(source, extractor, budget=budget,
+                                             timeout=timeout, label=label)
             figures.update(url=result.url, bytes=result.size, requests=result.requests,
                            retries=budget.used - retries_before, members=stats.members,
-                           unpacked_bytes=stats.bytes, verified=source.sha256 is not None)
-            log.info("%s: %s in, %d entries, %s unpacked%s", label, format_bytes(result.size),
-                     stats.members, format_bytes(stats.bytes),
+                           unpacked_bytes=stats.bytes, verified=source.sha256 is not None,
+                           compression=how)
+            log.info("%s: %s in (%s), %d entries, %s unpacked%s", label,
+                     format_bytes(result.size), how, stats.members, format_bytes(stats.bytes),
                      ", SHA-256 verified" if source.sha256 else "")
