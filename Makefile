@@ -13,7 +13,7 @@ DEB_PACKAGES := \
 	initramfs-tools busybox-static kmod cpio linux-image-amd64 qemu-system-x86 \
 	nginx-light debootstrap shellcheck iproute2 libcap2-bin
 
-.PHONY: all deps test demo lint bench clean
+.PHONY: all deps test demo lint bench reliability clean
 
 all: test
 
@@ -42,6 +42,12 @@ demo: deps
 
 bench: deps
 	$(BIN)/python bench/fetch.py
+	$(BIN)/python bench/storm.py --write
+
+# Rewrite the fault matrix in docs/reliability.md from a run of its tests.
+reliability: deps
+	TMPFSBOOT_RELIABILITY_REPORT=docs/reliability.md $(BIN)/pytest -q \
+		tests/test_faults.py tests/test_hostile.py tests/test_resources.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

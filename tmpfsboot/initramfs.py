@@ -4,8 +4,9 @@
 snippet into /etc/initramfs-tools (or --confdir). `tmpfsboot initramfs build` runs the real
 `mkinitramfs -d` on a private copy of that configuration, so /etc stays untouched. The hook
 calls back into `tmpfsboot initramfs stage`, which decides what goes in: Debian's python3.11,
-the standard-library modules the boot engine imports (found by modulefinder, compiled to
-sourceless .pyc), the engine itself, decompressors, gpgv and the keyring, the CA bundle.
+the standard-library modules the boot engine imports (the closure found by importing them
+under that interpreter, compiled to sourceless .pyc), the engine itself, decompressors,
+gpgv and the keyring, the CA bundle.
 """
 
 from __future__ import annotations
