@@ -26,6 +26,7 @@ from .errors import ArchiveError, SpaceError, UnsafeMemberError
 log = logging.getLogger("tmpfsboot")
 
 BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
 READ_SIZE = 1 << 20
 MAX_SYMLINK_DEPTH = 40
 
@@ -355,7 +356,7 @@ class Extractor:
             header = reader.read(BLOCK)
             if not header:
                 raise ArchiveError("truncated archive: no end-of-archive marker")
-            if header == b"\0" * BLOCK:
+            if header == ZERO_BLOCK:
                 break  # end of archive (the second zero block may be missing; tar agrees)
             if not _checksum_ok(header):
                 raise ArchiveError(f"corrupt tar header after {stats.members} members "
