@@ -22,6 +22,7 @@ from tmpfsboot.vm import BootResult, boot_vm, can_use_kvm, guest_url, qemu_argv
 pytestmark = pytest.mark.vm
 
 HOSTNAME = "node7"
+GUEST_MAC = "52-54-00-12-34-56"
 TIMEOUT = 150.0
 
 
@@ -46,6 +47,9 @@ class Images:
             "etc/tmpfsboot-demo/layers": f"base\ncommon\nhost-{HOSTNAME}\n",
         })
         build_image(host, self.dir, f"host-{HOSTNAME}")
+        # chosen by the NIC's MAC (QEMU's default for the first NIC) and the architecture
+        node = build_layer(root / "node", {"etc/tmpfsboot-demo/node": "by mac and arch\n"})
+        build_image(node, self.dir, f"node-amd64-{GUEST_MAC}")
 
     def root(self, *names: str) -> str:
         """root=... for the images NAMES, in order."""
@@ -73,7 +77,7 @@ def layered_boot(kernel: Path, initrd: Path, images: Images) -> BootResult:
     """One boot with base, common and the %hostname layer, shared by the tests below."""
     with start_server(images.dir, access_log=False) as server:
         return boot(kernel, initrd, server.port,
-                    f"root={images.root('base', 'common', 'host-%hostname')}")
+                    f"root={images.root('base', 'common', 'host-%hostname', 'node-%arch-%mac')}")
 
 
 def test_boot_with_two_layers_and_hostname_layer_reaches_image_init(
@@ -103,7 +107,13 @@ def test_boot_log_and_python_start_reported(layered_boot: BootResult) -> None:
                         layered_boot.console)
     assert len(starts) == 2  # the mount and fetch steps
     assert layered_boot.has_line("boot log:    /run/tmpfsboot/boot.jsonl")
-    assert layered_boot.has_line("Fetching layer 3/3: http://10.0.2.100/host-node7.tar.zst")
+    assert layered_boot.has_line("Fetching layer 3/4: http://10.0.2.100/host-node7.tar.zst")
+
+
+def test_arch_and_mac_substitutions_resolve_in_the_guest(layered_boot: BootResult) -> None:
+    # %arch from initramfs-tools' DPKG_ARCH, %mac from the boot NIC
+    assert layered_boot.has_line(
+        f"Fetching layer 4/4: http://10.0.2.100/node-amd64-{GUEST_MAC}.tar.zst")
 
 
 def test_tampered_layer_panics_with_message_and_never_runs_init(
