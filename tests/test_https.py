@@ -2,47 +2,21 @@
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import http.server
-import ssl
 import subprocess
 import sys
 import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers_https import https_server, make_ca_and_cert
 
 pytestmark = pytest.mark.integration
 
 
-def make_ca_and_cert(d: Path) -> tuple[Path, Path, Path]:
-    """A throw-away CA, and a certificate it signed for 127.0.0.1: (ca, cert, key)."""
-    def openssl(*args: str) -> None:
-        subprocess.run(["openssl", *args], check=True, capture_output=True)
-
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", str(d / "ca.key"), "-out", str(d / "ca.pem"), "-days", "2",
-            "-subj", "/CN=tmpfsboot test CA")
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", str(d / "srv.key"), "-out", str(d / "srv.csr"), "-subj", "/CN=127.0.0.1")
-    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
-    openssl("x509", "-req", "-in", str(d / "srv.csr"), "-CA", str(d / "ca.pem"),
-            "-CAkey", str(d / "ca.key"), "-CAcreateserial", "-out", str(d / "srv.pem"),
-            "-days", "2", "-extfile", str(d / "ext.cnf"))
-    return d / "ca.pem", d / "srv.pem", d / "srv.key"
-
-
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def https(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """(base URL, CA file) of an HTTPS server on 127.0.0.1 serving one signed-off image."""
+    """(base URL, CA file) of an HTTPS server on 127.0.0.1 serving one image."""
     www = tmp_path / "www"
     www.mkdir()
     tree = tmp_path / "tree"
@@ -50,20 +24,8 @@ def https(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     (tree / "etc/motd").write_text("over https\n")
     with tarfile.open(www / "root.tar.gz", "w:gz") as tar:
         tar.add(tree, arcname=".")
-    digest = hashlib.sha256((www / "root.tar.gz").read_bytes()).hexdigest()
-    (www / "SHA256SUMS").write_text(f"{digest}  root.tar.gz\n")
-    ca, cert, key = make_ca_and_cert(tmp_path)
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(www)))
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"https://127.0.0.1:{server.server_address[1]}/", ca
-    finally:
-        server.shutdown()
-        server.server_close()
+    with https_server(www, tmp_path) as served:
+        yield served
 
 
 def fetch(url: str, target: Path, ca: Path) -> subprocess.CompletedProcess[str]:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from helpers_https import https_server
 
 from tmpfsboot.initramfs import (
     INSTALLED,
@@ -111,6 +113,41 @@ def test_initramfs_python_imports_the_engine_from_its_own_tree(initrd: Path,
                          capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("/usr ")
+
+
+@pytest.mark.integration
+def test_initramfs_engine_fetches_over_https_with_its_own_tools(initrd: Path,
+                                                               tmp_path: Path) -> None:
+    """The initramfs' python3.11, _ssl, _hashlib and zstd, chrooted into its own tree,
+    fetch and verify a zstd image from an HTTPS server on 127.0.0.1."""
+    subprocess.run(["unmkinitramfs", str(initrd), str(tmp_path / "initramfs")], check=True)
+    root = tmp_path / "initramfs"
+    root = root / "main" if (root / "main").is_dir() else root
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/motd").write_text("fetched inside the initramfs\n")
+    www = tmp_path / "www"
+    www.mkdir()
+    tar = subprocess.run(["tar", "-C", str(tree), "-c", "."], check=True,
+                         capture_output=True).stdout
+    (www / "root.tar.zst").write_bytes(
+        subprocess.run(["zstd", "-q"], input=tar, check=True, capture_output=True).stdout)
+    (root / "target").mkdir()
+    with https_server(www, tmp_path) as (base, ca):
+        shutil.copy(ca, root / "test-ca.pem")
+        code = ("import sys; from tmpfsboot.boot.cmdline import NetFacts, Verify, parse_root; "
+                "from tmpfsboot.boot.engine import fetch_root; "
+                "from tmpfsboot.boot.log import setup_logging; setup_logging(); "
+                "fetch_root(parse_root(sys.argv[1]), '/target', facts=NetFacts(), "
+                "verify=Verify.CHECKSUM, keyring=None, retries=0, timeout=10)")
+        out = subprocess.run(["chroot", str(root), "/usr/bin/python3.11", "-I", "-S", "-c",
+                              code, base + "root.tar.zst"],
+                             env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                                  "SSL_CERT_FILE": "/test-ca.pem"},
+                             capture_output=True, text=True, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "in (zstd)" in out.stderr and "SHA-256 verified" in out.stderr
+    assert (root / "target/etc/motd").read_text() == "fetched inside the initramfs\n"
 
 
 def tree_digest(path: Path) -> str:
