@@ -112,6 +112,18 @@ class ChildDecompressor:
             raise ArchiveError(f"decompression failed: {e}") from e
 
 
+class _Decoder(Protocol):
+    """What zlib's, lzma's and bz2's decompressor objects have in common."""
+
+    @property
+    def eof(self) -> bool: ...
+
+    @property
+    def unused_data(self) -> bytes: ...
+
+    def decompress(self, data: bytes | memoryview, /) -> bytes: ...
+
+
 class InProcessDecompressor:
     """The standard library's gzip, xz or bzip2 decoder (or none, for plain tar)."""
 
@@ -121,13 +133,13 @@ class InProcessDecompressor:
         self.out_fd = out_fd
         self._obj = self._new()
 
-    def _new(self) -> zlib._Decompress | bz2.BZ2Decompressor | None:
+    def _new(self) -> _Decoder | None:
         if self.compression is Compression.GZIP:
             return zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
         if self.compression is Compression.XZ:
             import lzma  # lib-dynload: only loaded when no xz tool is present
 
-            return lzma.LZMADecompressor()  # type: ignore[return-value]
+            return lzma.LZMADecompressor()
         if self.compression is Compression.BZIP2:
             return bz2.BZ2Decompressor()
         return None
@@ -158,8 +170,9 @@ class InProcessDecompressor:
             raise ArchiveError(f"{self.compression.value} data is corrupt: {e}") from e
 
     def close(self) -> None:
-        if self.compression is Compression.GZIP and self._obj is not None:
-            self._out(self._obj.flush())  # type: ignore[union-attr]
+        flush = getattr(self._obj, "flush", None)  # zlib keeps some output until then
+        if flush is not None:
+            self._out(flush())
 
 
 def start_decompressor(

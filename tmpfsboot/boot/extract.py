@@ -19,6 +19,7 @@ import shutil
 import stat
 import struct
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import ArchiveError, SpaceError, UnsafeMemberError
@@ -499,9 +500,8 @@ class Extractor:
         else:
             raise ArchiveError(f"tar member {m.name!r}: unsupported type {kind!r}")
 
-    def _replace(self, path: str, create: object) -> None:
+    def _replace(self, path: str, create: Callable[[], None]) -> None:
         """Run CREATE(); if something is in the way, remove it first (as tar does)."""
-        assert callable(create)
         try:
             create()
         except FileExistsError:
