@@ -137,6 +137,9 @@ URLS = [
     ("http://h/%mac-%ip.tar", "http://h/52-54-00-12-34-56-10.0.2.15.tar"),
     ("http://h/%uuid.tar", "http://h/0e5a1c52-0000-4000-8000-000000000001.tar"),
     ("http://h/100%%/a%2Fb.tar", "http://h/100%/a%2Fb.tar"),
+    # percent-encodings in either case pass through (presigned URLs carry them)
+    ("http://h/a%2fb%ab.tar?sig=x%3d%3D", "http://h/a%2fb%ab.tar?sig=x%3d%3D"),
+    ("http://h/%hostname%2Dx.tar", "http://h/node7%2Dx.tar"),
 ]
 
 

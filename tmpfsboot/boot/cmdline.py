@@ -15,7 +15,10 @@ from .errors import CmdlineError
 # Substitutions a URL may use; %% is a literal %.
 SUBSTITUTIONS = ("hostname", "fqdn", "mac", "ip", "arch", "uuid")
 
-_TOKEN = re.compile(r"%(%|[a-z]+|[0-9A-F]{2})?")
+# %word, %% or a percent-encoding (%2F, %2f); a word that is no substitution but starts
+# with two hex digits (%ab, %de...) is taken for a percent-encoding.
+_TOKEN = re.compile(r"%(%|[a-z]+|[0-9A-Fa-f]{2})?")
+_HEX2 = re.compile(r"[0-9A-Fa-f]{2}")
 _SIZE = re.compile(r"(?P<num>[0-9]+)(?P<unit>[kKmMgGtTpPeE%]?)")
 _UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 
@@ -163,7 +166,7 @@ def parse_url_template(url: str) -> Mirror:
             raise CmdlineError(
                 f"root={url}: lone % at offset {m.start()}; write %% for a literal %"
             )
-        if word == "%" or re.fullmatch("[0-9A-F]{2}", word):
+        if word == "%" or (word not in SUBSTITUTIONS and _HEX2.match(word)):
             continue
         if word not in SUBSTITUTIONS:
             known = ", ".join("%" + s for s in SUBSTITUTIONS)
