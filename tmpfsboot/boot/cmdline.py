@@ -20,7 +20,6 @@ SUBSTITUTIONS = ("hostname", "fqdn", "mac", "ip", "arch", "uuid")
 _TOKEN = re.compile(r"%(%|[a-z]+|[0-9A-Fa-f]{2})?")
 _HEX2 = re.compile(r"[0-9A-Fa-f]{2}")
 _SIZE = re.compile(r"(?P<num>[0-9]+)(?P<unit>[kKmMgGtTpPeE%]?)")
-_UNITS = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
 
 DEFAULT_ROOTSIZE = "50%"
 DEFAULT_TIMEOUT = 60.0
@@ -202,16 +201,6 @@ def parse_rootsize(text: str) -> str:
     if m.group("unit") == "%" and num > 100:
         raise CmdlineError(f"rootsize={text}: more than 100% of RAM")
     return text
-
-
-def rootsize_bytes(size: str, mem_total: int) -> int:
-    """The byte count of a validated tmpfs SIZE on a machine with MEM_TOTAL bytes of RAM."""
-    m = _SIZE.fullmatch(parse_rootsize(size))
-    assert m is not None
-    num, unit = int(m.group("num")), m.group("unit")
-    if unit == "%":
-        return mem_total * num // 100
-    return num << _UNITS[unit.lower()]
 
 
 def _parse_int(key: str, text: str, *, minimum: int) -> int:

@@ -71,17 +71,6 @@ _MAGIC = (
 MAGIC_SIZE = 512
 
 
-class Decompressor(Protocol):
-    """Takes compressed bytes, writes decompressed bytes into the extractor's pipe."""
-
-    name: str
-
-    def write(self, data: memoryview | bytes) -> None: ...
-
-    def close(self) -> None:
-        """End of input: flush, wait, and raise if the stream was bad."""
-
-
 class ChildDecompressor:
     """A decompressor program as a pipeline stage: our stdin pipe -> its stdout = OUT_FD."""
 

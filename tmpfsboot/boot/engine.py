@@ -375,6 +375,7 @@ def _fetch_once(urls: list[list[str]], target: str, *, verify: Verify, keyring: 
                                              timeout=timeout, label=label)
             figures.update(url=result.url, bytes=result.size, requests=result.requests,
                            retries=budget.used - retries_before, members=stats.members,
+                           whiteouts=stats.whiteouts,
                            unpacked_bytes=stats.bytes, verified=source.sha256 is not None,
                            compression=how)
             log.info("%s: %s in (%s), %d entries, %s unpacked%s", label,
