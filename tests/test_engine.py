@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.server
@@ -9,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +22,7 @@ from helpers_image import mounted_tmpfs
 
 from tmpfsboot.boot.cmdline import NetFacts, Verify, parse_root
 from tmpfsboot.boot.engine import fetch_root
-from tmpfsboot.boot.errors import CommandError, UsageError
+from tmpfsboot.boot.errors import CommandError, PermanentHTTPError, UsageError
 from tmpfsboot.boot.log import EventLog
 
 pytestmark = pytest.mark.integration
@@ -35,24 +37,48 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
 
     def do_GET(self) -> None:
         REQUESTS.append(self.path)
+        if self.path.startswith("/moved/"):  # a redirect to the same file elsewhere
+            self.send_response(302)
+            self.send_header("Location", self.path.removeprefix("/moved"))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if self.path.startswith("/to-ftp/"):
+            self.send_response(301)
+            self.send_header("Location", "ftp://127.0.0.1/" + self.path.removeprefix("/to-ftp/"))
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         super().do_GET()
 
 
-@pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[Path, str]]:
-    """A directory served over HTTP on 127.0.0.1, and its base URL."""
-    root = tmp_path / "www"
-    root.mkdir()
-    REQUESTS.clear()
+class _ServerV6(http.server.ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+@contextlib.contextmanager
+def _serve(root: Path, host: str) -> Iterator[str]:
     handler = functools.partial(_QuietHandler, directory=str(root))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server_class = _ServerV6 if ":" in host else http.server.ThreadingHTTPServer
+    server = server_class((host, 0), handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}/"
+        netloc = f"[{host}]" if ":" in host else host
+        yield f"http://{netloc}:{server.server_address[1]}/"
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(params=["127.0.0.1"])
+def served(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Path, str]]:
+    """A directory served over HTTP on loopback, and its base URL."""
+    root = tmp_path / "www"
+    root.mkdir()
+    REQUESTS.clear()
+    with _serve(root, request.param) as base:
+        yield root, base
 
 
 @pytest.fixture
@@ -194,3 +220,26 @@ def test_boot_package_imports_with_standard_library_only(tmp_path: Path) -> None
 def test_fetch_refuses_the_host_root_as_target() -> None:
     with pytest.raises(UsageError, match="onto / itself"):
         fetch("http://127.0.0.1:9/root.tar", Path("/"))
+
+
+@pytest.mark.parametrize("served", ["::1"], indirect=True)
+def test_fetch_from_an_ipv6_literal_url(served: tuple[Path, str], target: Path,
+                                        tmp_path: Path) -> None:
+    www, base = served
+    assert base.startswith("http://[::1]:")
+    publish(www, "root.tar.zst", make_tree(tmp_path / "tree", {"etc/motd": b"v6\n"}),
+            ["zstd", "-q"])
+    fetch(base + "root.tar.zst", target)
+    assert (target / "etc/motd").read_bytes() == b"v6\n"
+
+
+def test_fetch_follows_redirects_and_refuses_non_http_ones(served: tuple[Path, str],
+                                                           target: Path, tmp_path: Path) -> None:
+    www, base = served
+    publish(www, "root.tar.zst", make_tree(tmp_path / "tree", {"etc/motd": b"moved\n"}),
+            ["zstd", "-q"])
+    fetch(base + "moved/root.tar.zst", target, verify=Verify.NO)
+    assert (target / "etc/motd").read_bytes() == b"moved\n"
+    assert "/moved/root.tar.zst" in REQUESTS and "/root.tar.zst" in REQUESTS
+    with pytest.raises(PermanentHTTPError, match="redirected to a non-HTTP URL ftp://"):
+        fetch(base + "to-ftp/root.tar.zst", target, verify=Verify.NO)
