@@ -235,6 +235,7 @@ class _LayerPipe:
                     os.close(self.out_w)
                     self.out_w = -1
 
+
 def _drain(fd: int) -> None:
     while os.read(fd, PIPE_SIZE):
         pass
@@ -343,8 +344,8 @@ def fetch_root(
                 budget.fail(e)
             except FetchError:
                 raise e from None
-        except TmpfsbootError:
-            empty_directory(target)
+        except (TmpfsbootError, OSError):
+            empty_directory(target)  # never a half root, whatever stopped it
             raise
     elapsed = time.monotonic() - started
     events.write("root", ok=True, layers=len(urls), seconds=round(elapsed, 3),
