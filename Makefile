@@ -11,9 +11,11 @@ DEB_PACKAGES := \
 	python3.11-minimal python3-venv \
 	tar xz-utils pixz zstd pigz bzip2 gpgv gnupg attr acl curl ca-certificates openssl \
 	initramfs-tools busybox-static kmod cpio linux-image-amd64 qemu-system-x86 \
-	nginx-light debootstrap shellcheck iproute2 libcap2-bin
+	nginx-light debootstrap shellcheck iproute2 libcap2-bin \
+	debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel \
+	dpkg-dev lintian man-db
 
-.PHONY: all deps test demo lint bench reliability clean
+.PHONY: all deps test demo lint bench reliability man deb clean
 
 all: test
 
@@ -49,5 +51,24 @@ reliability: deps
 	TMPFSBOOT_RELIABILITY_REPORT=docs/reliability.md $(BIN)/pytest -q \
 		tests/test_faults.py tests/test_hostile.py tests/test_resources.py
 
+# Manual pages, generated from the argument parser and the parameter tables.
+MANDIR := build/man
+man: deps
+	$(BIN)/python -m tmpfsboot.manpage $(MANDIR)
+
+# dist/tmpfsboot_VERSION_all.deb, built with dh + pybuild from a copy of the tree (so
+# dpkg-buildpackage writes nothing beside or inside the worktree), then checked by lintian.
+DIST     := dist
+DEBBUILD := build/deb
+deb: deps
+	rm -rf $(DEBBUILD) && mkdir -p $(DEBBUILD)/src $(DIST)
+	tar -cf - --exclude=./.git --exclude=./$(VENV) --exclude=./build --exclude=./dist \
+		--exclude=./demo --exclude='*.egg-info' --exclude=__pycache__ --exclude='.*_cache' . \
+		| tar -xf - -C $(DEBBUILD)/src
+	# Debian's own python3, whatever PATH the caller has (pyenv, a venv).
+	cd $(DEBBUILD)/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -b -us -uc
+	mv $(DEBBUILD)/tmpfsboot_*_all.deb $(DIST)/
+	lintian --fail-on error,warning $(DIST)/tmpfsboot_$$(dpkg-parsechangelog -S Version)_all.deb
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

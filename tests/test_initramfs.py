@@ -93,7 +93,7 @@ def test_initramfs_carries_python_engine_and_tools(initrd: Path) -> None:
                  "usr/lib/python3.11/tmpfsboot/boot/main.pyc",
                  "usr/lib/python3.11/tmpfsboot/boot/engine.pyc",
                  "usr/bin/zstd", "usr/bin/xz", "etc/ssl/certs/ca-certificates.crt",
-                 "scripts/tmpfs", "conf/conf.d/tmpfsboot",
+                 "scripts/tmpfs", "conf/conf.d/tmpfsboot", "conf/conf.d/zz-tmpfsboot",
                  "scripts/tmpfs-top/tmpfsboot-test"):
         assert want in files, want
     python = [f for f in files if f.startswith("usr/lib/python3.11/")]

@@ -39,6 +39,12 @@ STDLIB = Path("/usr/lib/python3.11")
 # The files `install` puts into a configuration directory, relative to it.
 INSTALLED = ("hooks/tmpfsboot", "scripts/tmpfs", "conf.d/tmpfsboot")
 HOOK_DIRS = ("tmpfs-top", "tmpfs-premount", "tmpfs-bottom")
+# What the hook puts into an initramfs tree besides the engine (tree path -> data file), so a
+# hook under /usr/share/initramfs-tools (the Debian package) needs nothing in /etc, and an
+# initramfs built with TMPFS=n carries none of them. zz-: sourced last by /init, and apart
+# from an administrator's conf.d/tmpfsboot (which mkinitramfs copies in as well).
+STAGED_FILES = {"scripts/tmpfs": "scripts/tmpfs",
+                "conf/conf.d/zz-tmpfsboot": "conf.d/tmpfsboot"}
 MODULES_CHOICES = ("most", "netboot", "dep", "list")
 # With MODULES=list the NIC drivers of a QEMU guest must be named (most/netboot have them).
 LIST_MODULES = ("virtio_pci", "virtio_net", "af_packet")
@@ -238,6 +244,10 @@ def stage_engine(destdir: Path, *, rootsize: str = "50%", keyring: Path | None =
     if not destdir.is_dir():
         raise UsageError(f"{destdir}: not a directory")
     report = stage_python(destdir)
+    for target_rel, data_rel in STAGED_FILES.items():
+        target = destdir / target_rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data_dir() / data_rel, target)
     programs: list[str] = [str(PYTHON), *report["ext"]]
     for alternatives in DECOMPRESSORS:
         found = [p for p in map(find_program, alternatives) if p]
