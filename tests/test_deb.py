@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers_chroot import Chroot, cached_base, fresh_chroot, host_codename
+from helpers_chroot import Chroot, cached_base, fresh_chroot, host_codename, parse_apt_mirror
 
 from tmpfsboot import __version__
 from tmpfsboot.demo import build_demo_root
 from tmpfsboot.image import build_image
-from tmpfsboot.initramfs import LIST_MODULES
+from tmpfsboot.initramfs import LIST_MODULES, render_hook
 from tmpfsboot.serve import start_server
 from tmpfsboot.vm import boot_vm, guest_url
 
@@ -28,6 +28,40 @@ HOOK = "/usr/share/initramfs-tools/hooks/tmpfsboot"
 # What a tmpfsboot initramfs holds and one without it must not (lsinitramfs paths).
 TMPFSBOOT_FILES = ("usr/bin/python3.11", "scripts/tmpfs", "conf/conf.d/zz-tmpfsboot",
                    "usr/lib/python3.11/tmpfsboot/boot/main.pyc")
+
+
+DEB822 = """\
+Types: deb
+URIs: http://mirror.test/debian
+Suites: bookworm bookworm-updates
+Components: main
+
+Types: deb
+URIs: http://security.test/debian-security
+Suites: bookworm-security
+Components: main
+"""
+MIRROR_CASES = [
+    ([("debian.sources", DEB822)], "bookworm", "http://mirror.test/debian"),
+    ([("debian.sources", DEB822)], "bookworm-security", "http://security.test/debian-security"),
+    ([("debian.sources", DEB822.replace("Types: deb\nURIs: http://m", "Types: deb\n"
+                                        "Enabled: no\nURIs: http://m"))], "bookworm", None),
+    ([("x.list.disabled", "deb http://no.test/debian bookworm main\n"),
+      ("sources.list", "# deb http://old.test/debian bookworm main\n"
+                       "deb-src http://src.test/debian bookworm main\n"
+                       "deb [arch=amd64 signed-by=/k.gpg] http://one.test/debian bookworm main\n")],
+     "bookworm", "http://one.test/debian"),
+    ([("a.list", "deb [arch=amd64 signed-by=/k.gpg] http://one.test/debian bookworm main "
+                 "contrib\n")], "bookworm", "http://one.test/debian"),
+    ([("a.list", "deb http://one.test/debian bookworm contrib\n")], "bookworm", None),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("files", "suite", "expected"), MIRROR_CASES)
+def test_parse_apt_mirror(files: list[tuple[str, str]], suite: str,
+                          expected: str | None) -> None:
+    assert parse_apt_mirror(files, suite) == expected
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +108,34 @@ def test_package_ships_hook_man_pages_and_trigger_but_nothing_in_etc(deb: Path) 
     triggers = subprocess.run(["dpkg-deb", "-I", str(deb), "triggers"], capture_output=True,
                               text=True, check=True).stdout
     assert "activate-noawait update-initramfs" in triggers.splitlines()
+
+
+def test_packaged_hook_is_the_one_initramfs_install_writes(deb: Path, tmp_path: Path) -> None:
+    subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path)], check=True)
+    assert (tmp_path / HOOK.lstrip("/")).read_text() == render_hook("/usr/bin/python3")
+
+
+def test_pip_install_dot_still_gives_the_command_and_its_data(tmp_path: Path) -> None:
+    # The other way in, for distributions without the package: a venv, no index (setuptools
+    # and wheel from the system, python3-setuptools and python3-wheel).
+    venv = tmp_path / "venv"
+    subprocess.run(["/usr/bin/python3.11", "-m", "venv", "--system-site-packages", str(venv)],
+                   check=True)
+    proc = subprocess.run([str(venv / "bin/pip"), "install", "-q", "--no-index",
+                           "--no-build-isolation", str(REPO)], capture_output=True, text=True,
+                          check=False, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    version = subprocess.run([str(venv / "bin/tmpfsboot"), "--version"], capture_output=True,
+                             text=True, check=True).stdout
+    assert version.strip() == f"tmpfsboot {__version__}"
+    out = tmp_path / "man"
+    subprocess.run([str(venv / "bin/python"), "-m", "tmpfsboot.manpage", str(out)], check=True,
+                   capture_output=True)
+    assert (out / "tmpfsboot.8").is_file()
+    hook = subprocess.run([str(venv / "bin/python"), "-c", "from tmpfsboot.initramfs import "
+                           "data_dir; print(data_dir() / 'scripts' / 'tmpfs')"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(hook).is_file()
 
 
 @dataclass(frozen=True)
