@@ -17,14 +17,14 @@ from helpers_chroot import Chroot, cached_base, fresh_chroot, host_codename, par
 from tmpfsboot import __version__
 from tmpfsboot.demo import build_demo_root
 from tmpfsboot.image import build_image
-from tmpfsboot.initramfs import LIST_MODULES, render_hook
+from tmpfsboot.initramfs import LIST_MODULES, PACKAGED_HOOK, render_hook
 from tmpfsboot.serve import start_server
 from tmpfsboot.vm import boot_vm, guest_url
 
 pytestmark = pytest.mark.vm
 
 REPO = Path(__file__).resolve().parent.parent
-HOOK = "/usr/share/initramfs-tools/hooks/tmpfsboot"
+HOOK = str(PACKAGED_HOOK)
 # What a tmpfsboot initramfs holds and one without it must not (lsinitramfs paths).
 TMPFSBOOT_FILES = ("usr/bin/python3.11", "scripts/tmpfs", "conf/conf.d/zz-tmpfsboot",
                    "usr/lib/python3.11/tmpfsboot/boot/main.pyc")
@@ -177,6 +177,14 @@ def test_command_and_manual_pages_work_in_the_chroot(installed: Installed) -> No
     assert c.run("man", "-w", "5", "tmpfsboot.conf").stdout.strip().endswith(".5.gz")
     page = c.run("man", "-P", "cat", "tmpfsboot").stdout
     assert "tmpfsboot initramfs build" in page
+
+
+def test_initramfs_install_refuses_a_second_hook_beside_the_package(installed: Installed) -> None:
+    c = installed.chroot
+    proc = c.run("tmpfsboot", "initramfs", "install", check=False)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"tmpfsboot: error: {HOOK}: the tmpfsboot package's hook")
+    assert not c.path("/etc/initramfs-tools/hooks/tmpfsboot").exists()
 
 
 @dataclass(frozen=True)

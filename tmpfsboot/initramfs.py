@@ -33,6 +33,8 @@ from .boot.run import find_program, require_program, run
 log = logging.getLogger("tmpfsboot")
 
 DEFAULT_CONFDIR = Path("/etc/initramfs-tools")
+# Where the Debian package puts the hook (debian/rules); with it, /etc needs no copy.
+PACKAGED_HOOK = Path("/usr/share/initramfs-tools/hooks/tmpfsboot")
 # Debian's own interpreter (python3.11-minimal), never a pyenv or venv build.
 PYTHON = Path("/usr/bin/python3.11")
 STDLIB = Path("/usr/lib/python3.11")
@@ -393,6 +395,9 @@ def build_initramfs(
 def cmd_install(args: argparse.Namespace) -> int:
     """`tmpfsboot initramfs install [--confdir DIR] [--remove]`."""
     confdir = Path(args.confdir)
+    if not args.remove and confdir == DEFAULT_CONFDIR and PACKAGED_HOOK.exists():
+        raise UsageError(f"{PACKAGED_HOOK}: the tmpfsboot package's hook is installed; set "
+                         f"TMPFS=y in {confdir}/conf.d instead of adding a second hook")
     if args.remove:
         for path in remove_files(confdir):
             print(f"removed {path}")
