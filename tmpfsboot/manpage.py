@@ -148,7 +148,7 @@ def _verb_section(name: str, summary: str, parser: argparse.ArgumentParser) -> s
     out = f'.SS "{parser.prog}"\n' + _usage(parser)
     text = parser.description or summary
     if text:
-        out += f".PP\n{roff_escape(' '.join(text.split()))}\n"
+        out += f".PP\n{roff_inline(' '.join(text.split()))}\n"
     out += _options(parser)
     for sub_name, sub_help, sub in _subcommands(parser):
         out += _verb_section(sub_name, sub_help, sub)
