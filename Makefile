@@ -58,6 +58,7 @@ man: deps
 
 # dist/tmpfsboot_VERSION_all.deb, built with dh + pybuild from a copy of the tree (so
 # dpkg-buildpackage writes nothing beside or inside the worktree), then checked by lintian.
+# PATH is reset so the build uses Debian's own python3, whatever the caller has (pyenv, venv).
 DIST     := dist
 DEBBUILD := build/deb
 deb: deps
@@ -65,7 +66,6 @@ deb: deps
 	tar -cf - --exclude=./.git --exclude=./$(VENV) --exclude=./build --exclude=./dist \
 		--exclude=./demo --exclude='*.egg-info' --exclude=__pycache__ --exclude='.*_cache' . \
 		| tar -xf - -C $(DEBBUILD)/src
-	# Debian's own python3, whatever PATH the caller has (pyenv, a venv).
 	cd $(DEBBUILD)/src && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -b -us -uc
 	mv $(DEBBUILD)/tmpfsboot_*_all.deb $(DIST)/
 	lintian --fail-on error,warning $(DIST)/tmpfsboot_$$(dpkg-parsechangelog -S Version)_all.deb
