@@ -239,6 +239,19 @@ def test_initramfs_built_in_the_chroot_boots_the_demo_root(
     assert result.has_line("root:        tmpfs tmpfs rw")
 
 
+def test_upgrade_rebuilds_the_initramfs_through_the_trigger(
+        installed: Installed, initrds: Initrds, deb: Path, kernel_version: str) -> None:
+    # dpkg -i over the installed version is the upgrade path: unpack, then configure.
+    c = installed.chroot
+    initrd = c.path(f"/boot/initrd.img-{kernel_version}")
+    before = initrd.stat().st_mtime_ns
+    proc = c.run("dpkg", "-i", f"/tmp/{deb.name}")
+    assert "Processing triggers for initramfs-tools" in proc.stdout
+    assert f"update-initramfs: Generating /boot/initrd.img-{kernel_version}" in proc.stdout
+    assert initrd.stat().st_mtime_ns != before
+    assert "usr/lib/python3.11/tmpfsboot/boot/main.pyc" in lsinitramfs(initrd)
+
+
 def test_purge_leaves_no_file_and_rebuilds_the_initramfs_without_it(
         installed: Installed, initrds: Initrds, kernel_version: str) -> None:
     c = installed.chroot
@@ -247,6 +260,7 @@ def test_purge_leaves_no_file_and_rebuilds_the_initramfs_without_it(
     assert HOOK in files and "/usr/bin/tmpfsboot" in files
     proc = c.run("dpkg", "--purge", "tmpfsboot")
     assert "Processing triggers for initramfs-tools" in proc.stdout
+    assert f"update-initramfs: Generating /boot/initrd.img-{kernel_version}" in proc.stdout
     assert c.run("dpkg-query", "-W", "-f", "${Status}", "tmpfsboot", check=False).stdout in (
         "", "unknown ok not-installed")
     assert [p for p in files if c.path(p).exists() or c.path(p).is_symlink()] == []
