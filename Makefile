@@ -13,7 +13,7 @@ DEB_PACKAGES := \
 	initramfs-tools busybox-static kmod cpio linux-image-amd64 qemu-system-x86 \
 	nginx-light debootstrap shellcheck iproute2 libcap2-bin
 
-.PHONY: all deps test demo lint bench reliability clean
+.PHONY: all deps test demo lint bench fleet reliability clean
 
 all: test
 
@@ -43,6 +43,10 @@ demo: deps
 bench: deps
 	$(BIN)/python bench/fetch.py
 	$(BIN)/python bench/storm.py --write
+
+# 1,000 and 10,000 simulated nodes through three caching nginx in network namespaces.
+fleet: deps
+	$(BIN)/python bench/fleet.py --write
 
 # Rewrite the fault matrix in docs/reliability.md from a run of its tests.
 reliability: deps

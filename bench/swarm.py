@@ -117,7 +117,10 @@ async def request(url: str, headers: dict[str, str], timeout: float
                   ) -> tuple[int, dict[str, str], asyncio.StreamReader, asyncio.StreamWriter]:
     """GET URL on a new connection; (status, lower-cased headers, reader, writer)."""
     parts = urllib.parse.urlsplit(url)
-    sock = socket.socket()
+    try:
+        sock = socket.socket()
+    except OSError as e:  # out of descriptors: this machine's limit, not the node's
+        raise Transient(f"{url}: {e}") from e
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RCVBUF)
     sock.setblocking(False)
     try:
@@ -286,6 +289,16 @@ async def run(swarm: Swarm, count: int, deadline: float) -> tuple[list[NodeRecor
     return records, wall
 
 
+def raise_fd_limit(nodes: int) -> None:
+    """Room for a socket per node and then some (root may raise the hard limit)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(hard, 4 * nodes + 1024)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+    except (OSError, ValueError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("mirrors", nargs="+", metavar="URL",
@@ -301,8 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=600.0)
     args = parser.parse_args(argv)
     logging.getLogger("tmpfsboot").setLevel(logging.ERROR)  # thousands of retry warnings
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    raise_fd_limit(args.nodes)
     mirrors = [m if m.endswith("/") else m + "/" for m in args.mirrors]
     swarm = Swarm(mirrors=mirrors, image=args.image, order=args.order, backoff=args.backoff,
                   timeout=args.timeout, image_size=args.image_size,
