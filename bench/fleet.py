@@ -91,7 +91,9 @@ def render_kill(run: Run) -> str:
     return (f"Cache {dead + 1} was killed and unplugged {r.killed_at:.1f} s after the "
             f"power-on, when half of all image bytes had arrived. It was first for "
             f"{r.firsts()[dead]} nodes; {len(late)} of them were not done. They finished at "
-            f"{where}; {own_second} of {len(late)} at their own second choice; {resumed} "
+            f"{where}; {own_second} of {len(late)} at their own second choice, the "
+            f"{len(late) - own_second} others further down their own order (their second "
+            f"turned them away with 503 or stalled); {resumed} "
             f"resumed mid-image (Range + If-Range) after their connection stalled for the "
             f"stall timeout, the others had no image bytes from it yet. Of the "
             f"{len(others)} nodes of the other caches, {len(touched)} had bytes from the "
@@ -120,8 +122,8 @@ extract. Each storm starts with cold caches. Node identities are consecutive MAC
 (52-54-00-00-00-00 up), as one vendor's rack has them. Back-off after failures other
 than 503 is scaled down to 0.05 s and the stall timeout to {timeout:.0f} s (the boot's: 10 s
 and 60 s). Origin, caches and nodes share the 2 cores: the times are this machine's
-(the nodes' Python hashing and nginx's copies are the limit), the shares and copies are
-the point.
+(the nodes' Python hashing and nginx's copies are the limit) and vary by a third between
+runs on this shared machine; the shares and the origin's copies do not.
 
 {HEADER}
 {rows}
