@@ -58,6 +58,9 @@ class Namespaces:
         self.prefix = f"tfb{os.getpid()}"
         self.switch = f"{self.prefix}-sw"
         self.names: list[str] = []
+
+    def open(self) -> None:
+        """Make the switch: a namespace holding only the bridge."""
         ip("netns", "add", self.switch)
         self.names.append(self.switch)
         ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
@@ -153,6 +156,7 @@ def fleet_tier(images: Path, workdir: Path, *, caches: int,
     tier = Tier(workdir=workdir, net=net, nodes_ns="", caches=[],
                 origin=f"http://{ORIGIN}:{ORIGIN_PORT}/")
     try:
+        net.open()
         origin_ns = net.add("origin", ORIGIN)
         tier.nodes_ns = net.add("nodes", NODES)
         # thousands of connections from one address: all ports, reuse TIME_WAIT
