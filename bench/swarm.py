@@ -183,6 +183,7 @@ async def fetch(swarm: Swarm, record: NodeRecord, order: list[int], name: str,
         index = order[position]
         url = swarm.mirrors[index] + name
         writer = None
+        delay = 0.0
         try:
             headers = {}
             if offset and validator is not None:
@@ -224,12 +225,13 @@ async def fetch(swarm: Swarm, record: NodeRecord, order: list[int], name: str,
         except (Transient, Changed) as e:
             if isinstance(e, Changed):
                 record.restarts += 1
-                offset, validator, digest = 0, None, hashlib.sha256()
+                offset, validator, digest, parts = 0, None, hashlib.sha256(), []
             budget.fail(e, retry_after=getattr(e, "retry_after", None))
-            await asyncio.sleep(waits.pop())
+            delay = waits.pop()
         finally:
             if writer is not None:
                 writer.close()
+        await asyncio.sleep(delay)  # with the connection closed, as the engine does
         # the node's next mirror that has not refused for good, as Download does
         position = next(p % len(order) for p in range(position + 1, position + 1 + len(order))
                         if order[p % len(order)] not in dead)
