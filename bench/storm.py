@@ -13,6 +13,11 @@ sets a refused node's wait, as at boot. The figures go to docs/benchmarks.md und
 `## Boot storm` and between the storm markers of docs/reliability.md.
 
     .venv/bin/python bench/storm.py [--nodes 500] [--max-streams 32] [--write]
+
+With `--caches N` the nodes boot through a real tier instead (bench/fleet.py: origin, N
+caching nginx and the nodes as asyncio tasks, each in its own network namespace):
+
+    .venv/bin/python bench/storm.py --caches 3 --nodes 10000 [--kill-cache] [--order ordered]
 """
 
 from __future__ import annotations
@@ -238,7 +243,20 @@ def main(argv: list[str] | None = None) -> int:
                         help="a node not done by then counts as failed (s)")
     parser.add_argument("--write", action="store_true",
                         help="write the figures into docs/benchmarks.md and reliability.md")
+    parser.add_argument("--caches", type=int, metavar="N",
+                        help="boot through N caching nginx in network namespaces "
+                        "(bench/fleet.py; 0: from the origin directly)")
+    parser.add_argument("--order", choices=("spread", "ordered"), default="spread",
+                        help="with --caches: the nodes' mirror order (tmpfs.mirrors=)")
+    parser.add_argument("--kill-cache", action="store_true",
+                        help="with --caches: cache 2 dies once half the bytes arrived")
     args = parser.parse_args(argv)
+    if args.caches is not None:
+        from fleet import one_storm
+
+        return one_storm(nodes=args.nodes, caches=args.caches, order=args.order,
+                         kill=args.kill_cache, size_mib=args.size_mib,
+                         timeout=args.timeout)
     logging.getLogger("tmpfsboot").setLevel(logging.ERROR)  # 500 nodes' retry warnings
     with tempfile.TemporaryDirectory(prefix="tmpfsboot-storm.") as tmp:
         image = build_image(Path(tmp), args.size_mib)

@@ -146,15 +146,19 @@ class Nginx:
         return f"http://127.0.0.1:{self.port}/"
 
 
+def with_temp_paths(config: str, prefix: Path) -> str:
+    """CONFIG with nginx's temporary paths inside PREFIX, not Debian's /var/lib/nginx."""
+    temp = "".join(f"    {kind}_temp_path {prefix}/{kind}_temp;\n"
+                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    return config.replace("http {\n", "http {\n" + temp, 1)
+
+
 @contextlib.contextmanager
 def running_nginx(config: str, prefix: Path, *, port: int) -> Iterator[Nginx]:
     """Run /usr/sbin/nginx in the foreground with CONFIG (already pointing into PREFIX,
     listening on 127.0.0.1:PORT) until the block ends."""
     prefix.mkdir(parents=True, exist_ok=True)
-    # Temp paths inside PREFIX, not Debian's /var/lib/nginx.
-    temp = "".join(f"    {kind}_temp_path {prefix}/{kind}_temp;\n"
-                   for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    config = config.replace("http {\n", "http {\n" + temp, 1)
+    config = with_temp_paths(config, prefix)
     conf = prefix / "nginx.conf"
     conf.write_text(config, encoding="utf-8")
     error_log = prefix / "startup-error.log"
@@ -199,16 +203,18 @@ def origin_config(root: Path, prefix: Path, port: int, *, streams: int = 64) -> 
     })
 
 
-def cache_config(origin_port: int, prefix: Path, port: int) -> str:
-    """docs/nginx.md's caching proxy configuration in front of 127.0.0.1:ORIGIN_PORT."""
+def cache_config(origin_port: int, prefix: Path, port: int, *, origin_host: str = "127.0.0.1",
+                 bind: str = "127.0.0.1") -> str:
+    """docs/nginx.md's caching proxy configuration on BIND:PORT in front of
+    ORIGIN_HOST:ORIGIN_PORT."""
     return substitute(nginx_blocks()[1], {
         "user www-data;": "user root;",
         "/run/nginx-tmpfsboot-cache.pid": f"{prefix}/nginx.pid",
         "/var/log/nginx/tmpfsboot-cache-error.log": f"{prefix}/error.log",
         "/var/log/nginx/tmpfsboot-cache-access.log": f"{prefix}/access.log",
         "/var/cache/nginx/tmpfsboot": f"{prefix}/cache",
-        "images.example.org:8080": f"127.0.0.1:{origin_port}",
-        "listen 8081 ": f"listen 127.0.0.1:{port} ",
+        "images.example.org:8080": f"{origin_host}:{origin_port}",
+        "listen 8081 ": f"listen {bind}:{port} ",
     })
 
 

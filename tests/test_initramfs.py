@@ -169,3 +169,21 @@ def test_build_without_tmpfs_adds_nothing_and_leaves_etc_untouched(
     files = listing(plain)
     assert "usr/bin/python3.11" not in files
     assert "scripts/tmpfs" in files  # the boot script is there, inert without the engine
+
+
+@pytest.mark.unit
+def test_mirror_order_goes_into_the_config_and_a_bad_one_stops_the_build(
+        tmp_path: Path) -> None:
+    from tmpfsboot.boot.errors import UsageError
+    from tmpfsboot.initramfs import prepare_confdir, stage_engine
+
+    prepare_confdir(tmp_path / "conf", source=tmp_path / "none", mirrors="spread")
+    assert "TMPFS_MIRRORS=spread\n" in (tmp_path / "conf/initramfs.conf").read_text()
+    with pytest.raises(UsageError, match=r"TMPFS_MIRRORS=shuffle: expected ordered\|spread"):
+        prepare_confdir(tmp_path / "conf2", source=tmp_path / "none", mirrors="shuffle")
+    # what the hook runs with the admin's TMPFS_MIRRORS, before anything is staged
+    with pytest.raises(UsageError, match="TMPFS_MIRRORS=shuffle"):
+        stage_engine(tmp_path, mirrors="shuffle")
+    # and the boot script hands the setting to the engine, as it does ROOTSIZE
+    script = (data_dir() / "scripts/tmpfs").read_text()
+    assert 'TMPFS_MIRRORS="${TMPFS_MIRRORS-}"' in script

@@ -17,7 +17,15 @@ from tmpfsboot.demo import build_demo_root, build_layer
 from tmpfsboot.image import build_image
 from tmpfsboot.initramfs import build_initramfs
 from tmpfsboot.serve import start_server
-from tmpfsboot.vm import BootResult, boot_vm, can_use_kvm, guest_url, qemu_argv
+from tmpfsboot.vm import (
+    GUEST_PORT,
+    GUEST_SERVER,
+    BootResult,
+    boot_vm,
+    can_use_kvm,
+    guest_url,
+    qemu_argv,
+)
 
 pytestmark = pytest.mark.vm
 
@@ -226,3 +234,23 @@ def test_bad_signature_panics_and_never_runs_init(kernel: Path,
     assert any("bad signature" in line for line in tmpfsboot_lines(result)), \
         "\n".join(tmpfsboot_lines(result))
     assert result.has_line("Rebooting automatically due to panic= boot argument")
+
+
+def test_spread_node_takes_its_layers_from_its_own_first_mirror(kernel: Path, initrd: Path,
+                                                                 images: Images) -> None:
+    # Two mirrors the guest reaches through its one forwarded server: host "10.0.2.100"
+    # and "10.0.2.100:80" weigh differently. QEMU without -uuid gives no usable SMBIOS
+    # UUID, so the node spreads by its MAC, which puts the mirror written second first.
+    from tmpfsboot.boot.cmdline import spread_urls
+
+    mirrors = [guest_url("a/base.tar.zst"), f"http://{GUEST_SERVER}:{GUEST_PORT}/b/base.tar.zst"]
+    first = spread_urls(mirrors, f"mac:{GUEST_MAC}")[0]
+    assert first == mirrors[1], "pick mirror names whose spread order is not the written one"
+    files = {f"/{d}/{f.name}": f.read_bytes() for f in images.dir.iterdir() for d in "ab"}
+    with faultserver.serve(files) as server:
+        result = boot(kernel, initrd, server.port, f"root={'|'.join(mirrors)}",
+                      "tmpfs.mirrors=spread")
+    assert f"NONCE: {images.nonce}" in result.console, "\n".join(tmpfsboot_lines(result))
+    assert result.has_line(f"tmpfsboot: Mirrors spread by mac:{GUEST_MAC}: first {first}")
+    assert server.count("/b/base.tar.zst") == 1 and server.count("/b/SHA256SUMS") == 1
+    assert not [h.path for h in server.hits if h.path.startswith("/a/")]

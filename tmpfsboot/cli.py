@@ -7,6 +7,7 @@ naming the cause; tracebacks only with --debug.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import json
 import logging
@@ -16,8 +17,12 @@ from collections.abc import Sequence
 from . import __version__
 from .boot.cmdline import (
     DEFAULT_BACKOFF,
+    MirrorOrder,
     NetFacts,
     Verify,
+    choose_mirror_order,
+    node_identity,
+    order_layers,
     parse_cmdline,
     parse_root,
     parse_timeout,
@@ -49,7 +54,16 @@ def cmd_cmdline(args: argparse.Namespace) -> int:
     else:
         text = args.text
     plan = parse_cmdline(text)
-    json.dump(plan.to_json(), sys.stdout, indent=2)
+    order = choose_mirror_order(plan, args.mirrors)
+    identity = node_identity(NetFacts(hostname=args.hostname, mac=args.mac, uuid=args.uuid))
+    spread = order is MirrorOrder.SPREAD and any(len(la.mirrors) > 1 for la in plan.layers)
+    if spread and identity is None:
+        raise UsageError("cmdline: mirrors are spread per node: name it with --hostname, "
+                         "--mac or --uuid")
+    plan = dataclasses.replace(plan, layers=order_layers(plan.layers, order, identity))
+    data = plan.to_json()
+    data.update(mirror_order=order.value, node=identity)
+    json.dump(data, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0
 
@@ -97,8 +111,18 @@ def build_parser(argv: Sequence[str] = ()) -> ArgumentParser:
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
-    p = sub.add_parser("cmdline", help="parse a kernel command line, print the plan as JSON")
+    p = sub.add_parser("cmdline", help="parse a kernel command line, print the plan as JSON",
+                       description="Print the boot plan of a kernel command line as JSON; "
+                       "for a node named by --hostname, --mac or --uuid, each layer's "
+                       "mirrors in the order that node tries them.")
     p.add_argument("text", nargs="?", help="the command line (default: /proc/cmdline)")
+    p.add_argument("--hostname", help="the node's host name (spreads mirrors without "
+                   "--mac and --uuid)")
+    p.add_argument("--mac", help="the node's boot MAC (spreads mirrors without --uuid)")
+    p.add_argument("--uuid", help="the node's SMBIOS UUID (spreads mirrors if usable)")
+    p.add_argument("--mirrors", choices=[m.value for m in MirrorOrder],
+                   help="TMPFS_MIRRORS of the initramfs: the order without tmpfs.mirrors= "
+                   "(default: ordered)")
     p.set_defaults(func=cmd_cmdline)
 
     p = sub.add_parser("fetch", help="download, verify and extract a root into DIR",

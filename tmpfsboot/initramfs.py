@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .boot.cmdline import parse_rootsize
+from .boot.cmdline import MirrorOrder, parse_rootsize
 from .boot.errors import CommandError, TmpfsbootError, UsageError
 from .boot.log import format_bytes, phase
 from .boot.run import find_program, require_program, run
@@ -233,7 +233,8 @@ def stage_python(destdir: Path, *, optimize: int = OPTIMIZE) -> dict[str, list[s
     return report
 
 
-def stage_engine(destdir: Path, *, rootsize: str = "50%", keyring: Path | None = None) -> Staged:
+def stage_engine(destdir: Path, *, rootsize: str = "50%", keyring: Path | None = None,
+                 mirrors: str = MirrorOrder.ORDERED.value) -> Staged:
     """Put into the initramfs tree DESTDIR what a tmpfs boot needs, except the ELF programs.
 
     Returns the programs and libraries the hook must copy with copy_exec (so their shared
@@ -243,6 +244,7 @@ def stage_engine(destdir: Path, *, rootsize: str = "50%", keyring: Path | None =
         parse_rootsize(rootsize)
     except TmpfsbootError as e:
         raise UsageError(f"ROOTSIZE (initramfs config): {e}") from None
+    check_mirror_order(mirrors)
     if not destdir.is_dir():
         raise UsageError(f"{destdir}: not a directory")
     report = stage_python(destdir)
@@ -304,6 +306,14 @@ def kernel_image(version: str) -> Path:
     return path
 
 
+def check_mirror_order(mirrors: str) -> None:
+    """UsageError unless MIRRORS is a valid TMPFS_MIRRORS (checked at build time, not boot)."""
+    try:
+        MirrorOrder.parse(mirrors, key="TMPFS_MIRRORS")
+    except TmpfsbootError as e:
+        raise UsageError(f"{e} (initramfs config)") from None
+
+
 def set_conf(text: str, values: Mapping[str, str]) -> str:
     """initramfs.conf TEXT with each KEY=VALUE of VALUES set (replaced, else appended)."""
     lines = text.splitlines()
@@ -326,6 +336,7 @@ def prepare_confdir(
     rootsize: str | None = None,
     keyring: Path | None = None,
     scripts: Path | None = None,
+    mirrors: str | None = None,
     extra_modules: Iterable[str] = (),
 ) -> None:
     """Make CONFDIR a private copy of SOURCE with tmpfsboot installed and enabled."""
@@ -338,6 +349,9 @@ def prepare_confdir(
     if rootsize is not None:
         parse_rootsize(rootsize)
         values["ROOTSIZE"] = rootsize
+    if mirrors is not None:
+        check_mirror_order(mirrors)
+        values["TMPFS_MIRRORS"] = mirrors
     if keyring is not None:
         values["TMPFS_KEYRING"] = str(keyring.resolve())
     conf.write_text(set_conf(conf.read_text() if conf.exists() else "", values))
@@ -360,6 +374,7 @@ def build_initramfs(
     scripts: Path | None = None,
     source: Path = DEFAULT_CONFDIR,
     enable: bool = True,
+    mirrors: str | None = None,
 ) -> Path:
     """Build OUTPUT with the real mkinitramfs from a private copy of the configuration.
 
@@ -378,7 +393,7 @@ def build_initramfs(
     with tempfile.TemporaryDirectory(prefix="tmpfsboot-initramfs.") as tmp:
         confdir = Path(tmp) / "conf"
         prepare_confdir(confdir, source=source, modules=modules, rootsize=rootsize,
-                        keyring=keyring, scripts=scripts)
+                        keyring=keyring, scripts=scripts, mirrors=mirrors)
         if not enable:
             conf = confdir / "initramfs.conf"
             conf.write_text(set_conf(conf.read_text(), {"TMPFS": "n"}))
@@ -420,6 +435,7 @@ def cmd_build(args: argparse.Namespace) -> int:
         keyring=Path(args.keyring) if args.keyring else None,
         scripts=Path(args.scripts) if args.scripts else None,
         source=Path(args.confdir),
+        mirrors=args.mirrors,
     )
     print(args.output)
     return 0
@@ -428,7 +444,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 def cmd_stage(args: argparse.Namespace) -> int:
     """`tmpfsboot initramfs stage --destdir DIR`: called by the hook; prints the programs."""
     staged = stage_engine(Path(args.destdir), rootsize=args.rootsize,
-                          keyring=Path(args.keyring) if args.keyring else None)
+                          keyring=Path(args.keyring) if args.keyring else None,
+                          mirrors=args.mirrors)
     log.info("%d Python modules (%s of .pyc)", len(staged.modules),
              format_bytes(staged.pyc_bytes))
     sys.stdout.write("".join(f"{p}\n" for p in staged.programs))
@@ -456,6 +473,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                    help="initramfs-tools' MODULES (default: list, plus virtio_pci virtio_net)")
     q.add_argument("--keyring", metavar="FILE", help="TMPFS_KEYRING: gpgv keyring to include")
     q.add_argument("--rootsize", metavar="SIZE", help="ROOTSIZE: default tmpfs size (50%%)")
+    q.add_argument("--mirrors", choices=[m.value for m in MirrorOrder],
+                   help="TMPFS_MIRRORS: default mirror order (ordered; spread: per node by "
+                   "rendezvous hashing)")
     q.add_argument("--scripts", metavar="DIR", help="extra boot scripts, e.g. DIR/tmpfs-top/NAME")
     q.add_argument("--confdir", default=str(DEFAULT_CONFDIR), metavar="DIR",
                    help=f"configuration to copy (default: {DEFAULT_CONFDIR})")
@@ -464,5 +484,6 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     q = sub.add_parser("stage", help=argparse.SUPPRESS)
     q.add_argument("--destdir", required=True)
     q.add_argument("--rootsize", default="50%")
+    q.add_argument("--mirrors", default=MirrorOrder.ORDERED.value)
     q.add_argument("--keyring")
     q.set_defaults(func=cmd_stage)

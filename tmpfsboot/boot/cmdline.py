@@ -6,8 +6,10 @@ Pure functions: reading /proc/cmdline or /run/net-*.conf is the caller's busines
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .errors import CmdlineError
@@ -78,6 +80,7 @@ class BootPlan:
     quiet: bool = False
     bootif: str | None = None
     init_args: tuple[str, ...] = field(default=())
+    mirror_order: MirrorOrder | None = None  # tmpfs.mirrors=; None: the initramfs default
 
     @property
     def substitutions(self) -> tuple[str, ...]:
@@ -100,6 +103,7 @@ class BootPlan:
             "timeout": self.timeout,
             "backoff": self.backoff,
             "quiet": self.quiet,
+            "mirror_order": self.mirror_order.value if self.mirror_order else None,
         }
 
 
@@ -253,6 +257,7 @@ def parse_cmdline(text: str) -> BootPlan:
     retries = opts.get("tmpfs.retries")
     timeout = opts.get("tmpfs.timeout")
     backoff = opts.get("tmpfs.backoff")
+    mirror_order = opts.get("tmpfs.mirrors")
     return BootPlan(
         tmpfs=True,
         layers=parse_root(root),
@@ -265,6 +270,7 @@ def parse_cmdline(text: str) -> BootPlan:
         quiet="quiet" in flags,
         bootif=opts.get("BOOTIF"),
         init_args=tuple(init_args),
+        mirror_order=MirrorOrder.parse(mirror_order) if mirror_order is not None else None,
     )
 
 
@@ -294,3 +300,107 @@ def mac_from_bootif(bootif: str) -> str | None:
     if len(parts) == 7 and all(re.fullmatch("[0-9a-f]{2}", p) for p in parts):
         return "-".join(parts[1:])
     return None
+
+
+# ----- mirror spreading: tmpfs.mirrors=spread -----
+
+
+class MirrorOrder(enum.Enum):
+    """How a node orders the mirrors of a layer (tmpfs.mirrors=, TMPFS_MIRRORS)."""
+
+    ORDERED = "ordered"  # as written: every node asks the first mirror first
+    SPREAD = "spread"  # per node, by rendezvous hashing of the node's identity
+
+    @classmethod
+    def parse(cls, text: str, *, key: str = "tmpfs.mirrors") -> MirrorOrder:
+        """The order named TEXT, or CmdlineError naming KEY and the valid ones."""
+        try:
+            return cls(text)
+        except ValueError:
+            valid = "|".join(v.value for v in cls)
+            raise CmdlineError(f"{key}={text}: expected {valid}") from None
+
+
+# SMBIOS product UUIDs that name no machine: unset (all 0), not settable (all f; as
+# dmidecode reads them), and a placeholder many boards ship with.
+BOGUS_UUIDS = frozenset({
+    "00000000-0000-0000-0000-000000000000",
+    "ffffffff-ffff-ffff-ffff-ffffffffffff",
+    "03000200-0400-0500-0006-000700080009",
+})
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def is_usable_uuid(uuid: str | None) -> bool:
+    """Whether UUID (as /sys/class/dmi/id/product_uuid gives it) identifies one machine."""
+    if not uuid:
+        return False
+    text = uuid.strip().lower()
+    return bool(_UUID.fullmatch(text)) and text not in BOGUS_UUIDS
+
+
+def node_identity(facts: NetFacts) -> str | None:
+    """What spreads this node: its SMBIOS UUID if usable, else its MAC, else its hostname.
+
+    Returned as "uuid:...", "mac:..." or "hostname:..."; None when the node knows none.
+    """
+    if facts.uuid and is_usable_uuid(facts.uuid):
+        return "uuid:" + facts.uuid.strip().lower()
+    if facts.mac:
+        return "mac:" + facts.mac.strip().lower().replace(":", "-")
+    if facts.hostname:
+        return "hostname:" + facts.hostname.strip().lower()
+    return None
+
+
+def mirror_site(url: str) -> str:
+    """The server a mirror URL names (host:port as written, lower-case): what is weighed,
+    so that a node takes every layer from the same cache."""
+    return urllib.parse.urlsplit(url).netloc.lower()
+
+
+def mirror_weight(identity: str, url: str) -> int:
+    """The rendezvous (highest random weight) score of URL's server for node IDENTITY."""
+    digest = hashlib.sha256(f"{identity}\n{mirror_site(url)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def spread_order(urls: Sequence[str], identity: str) -> list[int]:
+    """The indices of URLS in the order node IDENTITY tries them: by descending weight of
+    their server (rendezvous hashing).
+
+    Each server is first for an even share of nodes; a node always gets the same order;
+    without one server, the others keep their order, so only the nodes that had it first
+    move, each to its own second choice. Mirrors on one server keep their written order.
+    """
+    return sorted(range(len(urls)), key=lambda i: (-mirror_weight(identity, urls[i]), i))
+
+
+def spread_urls(urls: Sequence[str], identity: str) -> list[str]:
+    """URLS in the order node IDENTITY tries them (see spread_order)."""
+    return [urls[i] for i in spread_order(urls, identity)]
+
+
+def choose_mirror_order(plan: BootPlan, configured: str | None) -> MirrorOrder:
+    """tmpfs.mirrors= from the command line, else TMPFS_MIRRORS from the initramfs config,
+    else ordered."""
+    if plan.mirror_order is not None:
+        return plan.mirror_order
+    if configured:
+        return MirrorOrder.parse(configured, key="TMPFS_MIRRORS (initramfs config)")
+    return MirrorOrder.ORDERED
+
+
+def order_layers(layers: tuple[Layer, ...], order: MirrorOrder,
+                 identity: str | None) -> tuple[Layer, ...]:
+    """LAYERS with each layer's mirrors in the order this node tries them.
+
+    ORDERED, or no identity to spread by, keeps the command line's order.
+    """
+    if order is MirrorOrder.ORDERED or identity is None:
+        return layers
+    return tuple(
+        Layer(tuple(layer.mirrors[i]
+                    for i in spread_order([m.url for m in layer.mirrors], identity)))
+        for layer in layers
+    )

@@ -31,9 +31,14 @@ from dataclasses import dataclass
 from .cmdline import (
     DEFAULT_ROOTSIZE,
     BootPlan,
+    Layer,
+    MirrorOrder,
     NetFacts,
     Verify,
+    choose_mirror_order,
     mac_from_bootif,
+    node_identity,
+    order_layers,
     parse_cmdline,
     parse_rootsize,
 )
@@ -232,17 +237,33 @@ def step_mount(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) 
         run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", rootmnt])
 
 
+def node_layers(plan: BootPlan, facts: NetFacts, configured: str | None) -> tuple[Layer, ...]:
+    """The plan's layers with their mirrors in this node's order (tmpfs.mirrors=, else
+    TMPFS_MIRRORS from the initramfs config)."""
+    order = choose_mirror_order(plan, configured)
+    if order is MirrorOrder.ORDERED or not any(len(la.mirrors) > 1 for la in plan.layers):
+        return plan.layers
+    identity = node_identity(facts)
+    if identity is None:
+        log.warning("tmpfs.mirrors=spread: no UUID, MAC or hostname; mirrors in written order")
+        return plan.layers
+    layers = order_layers(plan.layers, order, identity)
+    log.info("Mirrors spread by %s: first %s", identity, layers[0].mirrors[0].url)
+    return layers
+
+
 def step_fetch(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) -> None:
     """Fetch, verify and extract every layer into ROOTMNT, then complete the new root's /etc."""
     plan = read_plan(node)
     conf = read_net_conf(node, env.get("DEVICE"))
     facts = gather_facts(plan, conf, node, env)
+    layers = node_layers(plan, facts, env.get("TMPFS_MIRRORS"))
     path = os.path.join(node.etc, KEYRING_NAME)
     keyring = path if os.path.exists(path) else None
     verify = plan.verify or Verify.default_for(keyring)
     from .engine import fetch_root  # the big part of start-up: load it late
 
-    fetch_root(plan.layers, rootmnt, facts=facts, verify=verify, keyring=keyring,
+    fetch_root(layers, rootmnt, facts=facts, verify=verify, keyring=keyring,
                retries=plan.retries, timeout=plan.timeout, backoff=plan.backoff,
                events=events, wait=wait_or_shell)
     finish_root(rootmnt, conf, facts)
