@@ -25,6 +25,10 @@ CMDLINE_PARAMETERS: tuple[Row, ...] = (
     ("`root=URL[,URL...]`", "layers, extracted in order; a later one overwrites an earlier "
      "one, OCI whiteouts delete"),
     ("`URL\\|URL`", "mirrors of one layer, tried in order"),
+    ("`tmpfs.mirrors=ordered\\|spread`", "`spread`: each node orders every layer's mirrors by "
+     "rendezvous hashing of its identity (SMBIOS UUID, else MAC, else hostname), so a fleet "
+     "spreads evenly over caches and a node always asks the same cache first; `tmpfsboot "
+     "cmdline --hostname H [--mac M] [--uuid U] TEXT` shows a node's order (docs/nginx.md)"),
     (f"`{' '.join('%' + s for s in SUBSTITUTIONS)} %%`",
      "substitutions in URLs (an unknown `%word` is an error before any download)"),
     ("`boot=tmpfs`", "select the tmpfs boot explicitly"),
@@ -48,6 +52,7 @@ BUILD_SETTINGS: tuple[Row, ...] = (
      "or `N%` of RAM"),
     ("`TMPFS_KEYRING=PATH`", "gpgv keyring to put in the initramfs; makes "
      "`tmpfs.verify=signature` the default"),
+    ("`TMPFS_MIRRORS=ordered\\|spread`", "default for `tmpfs.mirrors=` (default `ordered`)"),
     ("`MODULES=" + "\\|".join(MODULES_CHOICES) + "`",
      "initramfs-tools' own: `netboot` carries the common NIC drivers"),
 )
