@@ -216,7 +216,7 @@ class ImageServer:
             conn.setblocking(False)
             head = None
             with contextlib.suppress(HTTPError, TimeoutError, OSError):
-                data, _ = await self._read_head(conn, b"", timeout=REFUSE_READ_TIME)
+                data = await self._read_head(conn, bytearray(), timeout=REFUSE_READ_TIME)
                 head = parse_request_head(data) if data is not None else None
             err = HTTPError(503, "out of file descriptors; retry later", close=True,
                             headers={"Retry-After": str(self.retry_after)})
@@ -232,14 +232,14 @@ class ImageServer:
 
     async def _serve_connection(self, conn: socket.socket, addr: tuple[str, int]) -> None:
         client = f"{addr[0]}:{addr[1]}"
-        buf = b""
+        buf = bytearray()
         linger = False
         try:
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             while True:
                 try:
-                    head, buf = await self._read_head(conn, buf, timeout=self.timeout)
+                    head = await self._read_head(conn, buf, timeout=self.timeout)
                 except HTTPError as e:
                     await self._send_error(conn, client, None, e, time.monotonic())
                     linger = True
@@ -263,26 +263,31 @@ class ImageServer:
                     await linger_close(conn)
             conn.close()
 
-    async def _read_head(self, conn: socket.socket, buf: bytes, *,
-                         timeout: float) -> tuple[bytes | None, bytes]:
-        """The next request head on CONN (None at a clean end of connection).
+    async def _read_head(self, conn: socket.socket, buf: bytearray, *,
+                         timeout: float) -> bytes | None:
+        """The next request head on CONN (None at a clean end of connection), taken from
+        the front of BUF, which keeps what follows it (pipelined requests).
 
         The whole head must arrive within TIMEOUT: a client sending a byte now and then
         cannot hold a connection for ever. A bad request line is refused as soon as it
         is complete; a head past MAX_HEAD is refused (431) without reading further.
+        Nothing more is read while BUF holds a whole head, so BUF stays within
+        MAX_HEAD plus one read.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            if buf[:1] in (b"\r", b"\n"):
-                buf = buf.lstrip(b"\r\n")  # empty lines before a request are allowed
+            if buf[:1] in (bytearray(b"\r"), bytearray(b"\n")):  # empty lines may come first
+                del buf[:len(buf) - len(buf.lstrip(b"\r\n"))]
             if buf:
                 check_request_line(buf)
                 end = find_head_end(buf)
                 if end is not None:
                     if end[0] > MAX_HEAD:
                         raise HTTPError(431, close=True)
-                    return buf[:end[0]], buf[end[1]:]
+                    head = bytes(buf[:end[0]])
+                    del buf[:end[1]]  # cheap: a bytearray drops its front in place
+                    return head
                 if len(buf) > MAX_HEAD:
                     raise HTTPError(431, close=True)
             try:
@@ -291,9 +296,9 @@ class ImageServer:
             except TimeoutError:
                 if buf:
                     raise HTTPError(408, close=True) from None
-                return None, b""  # an idle keep-alive connection
+                return None  # an idle keep-alive connection
             if not chunk:
-                return None, b""
+                return None
             buf += chunk
 
     async def _answer(self, conn: socket.socket, client: str,

@@ -38,6 +38,7 @@ _FIELD_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _ABSOLUTE_FORM = re.compile(r"https?://[^/?#]*", re.IGNORECASE)
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _DIGITS = re.compile(r"[0-9]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class HTTPError(Exception):
@@ -132,7 +133,7 @@ def strip_leading_blank_lines(buf: bytes) -> bytes:
     return buf.lstrip(b"\r\n")
 
 
-def check_request_line(buf: bytes) -> RequestLine | None:
+def check_request_line(buf: bytes | bytearray) -> RequestLine | None:
     """The request line at the start of BUF once it is complete (None before), so that a
     bad one is answered at once rather than after a wait for headers that never come.
     HTTPError 414 past MAX_REQUEST_LINE, 400 for anything malformed."""
@@ -161,7 +162,7 @@ def parse_request_line(line: str) -> RequestLine:
         raise HTTPError(505, close=True)
     # HTTP/1.2..1.9 are read as the newest 1.x we know, as nginx does.
     version = "HTTP/1.0" if match.group(2) == "0" else "HTTP/1.1"
-    if any(c < " " or c == "\x7f" for c in target):
+    if _CONTROL.search(target):
         raise HTTPError(400, "control character in the request target", close=True)
     return RequestLine(method, target, version)
 
