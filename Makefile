@@ -44,10 +44,12 @@ bench: deps
 	$(BIN)/python bench/fetch.py
 	$(BIN)/python bench/storm.py --write
 
-# Rewrite the fault matrix in docs/reliability.md from a run of its tests.
+# Rewrite the fault matrix and the hostile-client tables in docs/reliability.md from a
+# run of their tests.
 reliability: deps
 	TMPFSBOOT_RELIABILITY_REPORT=docs/reliability.md $(BIN)/pytest -q \
-		tests/test_faults.py tests/test_hostile.py tests/test_resources.py
+		tests/test_faults.py tests/test_hostile.py tests/test_resources.py \
+		tests/test_serve_hostile.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -336,7 +336,7 @@ class ImageServer:
         return keep
 
     async def _send_file(self, conn: socket.socket, client: str, head: RequestHead,
-                         path: Path, started: float) -> bool:
+                         path: str, started: float) -> bool:
         try:
             # O_NONBLOCK: opening a FIFO would otherwise wait for a writer, and stall
             # every client of this loop. It changes nothing for a regular file.
@@ -366,7 +366,7 @@ class ImageServer:
         return HTTPError(500, os.strerror(e.errno) if e.errno else "open failed")
 
     async def _send_open_file(self, conn: socket.socket, client: str, head: RequestHead,
-                              path: Path, fd: int, st: os.stat_result,
+                              path: str, fd: int, st: os.stat_result,
                               started: float) -> bool:
         size = st.st_size
         headers = {

@@ -286,7 +286,7 @@ def is_if_range_fresh(value: str, st: os.stat_result) -> bool:
         return False
 
 
-def resolve_target(root: Path, target: str) -> Path:
+def resolve_target(root: Path, target: str) -> str:
     """The file under ROOT (a resolved path) that a request target names.
 
     Refuses, before touching the file system, anything that could name a place outside
@@ -294,6 +294,8 @@ def resolve_target(root: Path, target: str) -> Path:
     after resolving symlinks, any path that lands outside ROOT (403). Hidden names (a
     leading dot) are 404: the image tools write their temporary files under such names.
     The absolute form (`http://host/path`) is read as its path, as RFC 9112 asks.
+    Plain strings, not Path objects: pathlib interns every component of every name a
+    client invents.
     """
     absolute = _ABSOLUTE_FORM.match(target)
     if absolute:
@@ -315,9 +317,9 @@ def resolve_target(root: Path, target: str) -> Path:
         if segment.startswith("."):
             raise HTTPError(404)
         parts.append(segment)
-    candidate = root.joinpath(*parts)
-    resolved = Path(os.path.realpath(candidate))
-    if resolved != root and not resolved.is_relative_to(root):
+    top = str(root)
+    resolved = os.path.realpath(os.path.join(top, *parts))
+    if resolved != top and not resolved.startswith(top.rstrip("/") + "/"):
         raise HTTPError(403, "path escapes the image directory")
     return resolved
 
@@ -332,11 +334,13 @@ def _unquote(path: str) -> bytes:
     return bytes(out)
 
 
-def guess_content_type(path: Path) -> str:
+def guess_content_type(path: str) -> str:
     """The Content-Type of a served file."""
-    if path.name.startswith("SHA256SUMS") and not path.suffix:
+    name = os.path.basename(path)
+    suffix = os.path.splitext(name)[1]
+    if name.startswith("SHA256SUMS") and not suffix:
         return "text/plain; charset=utf-8"
-    return CONTENT_TYPES.get(path.suffix, "application/octet-stream")
+    return CONTENT_TYPES.get(suffix, "application/octet-stream")
 
 
 def escape_for_log(text: str, limit: int = 256) -> str:
