@@ -30,9 +30,10 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from . import __version__
 from .request import (
@@ -178,13 +179,15 @@ class ImageServer:
         if self._reserve_fd is not None:
             os.close(self._reserve_fd)
 
-    def _spawn(self, tasks: set[asyncio.Task[None]], coro: object) -> None:
-        task: asyncio.Task[None] = asyncio.create_task(coro)  # type: ignore[arg-type]
+    def _spawn(self, tasks: set[asyncio.Task[None]],
+               coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
     async def _accept(self, tasks: set[asyncio.Task[None]]) -> None:
         loop = asyncio.get_running_loop()
+        failing = False
         while True:
             try:
                 conn, addr = await loop.sock_accept(self.listener)
@@ -199,11 +202,16 @@ class ImageServer:
                         self._spawn(tasks, self._refuse_connection(conn, addr))
                         continue
                     self._reserve_fd = open_reserve()
-                log.warning("accept: %s", e)
+                if not failing:  # once per spell, not ten lines a second
+                    log.warning("accept: %s; new clients wait in the backlog", e)
+                    failing = True
                 await asyncio.sleep(0.1)
                 if self._reserve_fd is None:
                     self._reserve_fd = open_reserve()
                 continue
+            if failing:
+                log.warning("accept: working again")
+                failing = False
             self._spawn(tasks, self._serve_connection(conn, addr))
 
     async def _refuse_connection(self, conn: socket.socket, addr: tuple[str, int]) -> None:
