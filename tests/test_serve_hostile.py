@@ -144,7 +144,7 @@ CASES = [
 # Each row of the report: (case, request, tmpfsboot, nginx, note); filled as tests pass.
 TABLE: list[tuple[str, str, str, str, str]] = []
 FINDINGS: list[tuple[str, str, str]] = []
-EXPECTED_FINDINGS = 9
+EXPECTED_FINDINGS = 10
 
 
 class ErrorRecords(logging.Handler):
@@ -352,6 +352,50 @@ def test_out_of_descriptors_is_503_with_retry_after_then_serves_again(
             f"{kinds.count('200')} answers 200, then 503 + Retry-After: 1 ({opened} of them "
             f"from a failed open(), the rest accepted with the reserve descriptor); after "
             f"the idle clients left, 200 again and the 8 MiB image whole")
+
+
+def test_node_waits_out_a_server_short_of_descriptors_and_boots(
+        tmp_path: Path) -> None:
+    from tmpfsboot.image import build_image
+
+    src, images, target = tmp_path / "src", tmp_path / "images", tmp_path / "root"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc/motd").write_text("booted\n")
+    images.mkdir()
+    target.mkdir()
+    build_image(src, images, "root")
+    srv = ServeProcess(images, "--timeout", "30", nofile=48)
+    holders: list[socket.socket] = []
+    fetch = None
+    try:
+        while ask(srv.port, req(SUMS), patience=5).kind != "503":
+            holders.append(socket.create_connection(("127.0.0.1", srv.port), timeout=10))
+            assert len(holders) < 80
+        fetch = subprocess.Popen(
+            [sys.executable, "-m", "tmpfsboot", "fetch", "--retries", "8", "--backoff",
+             "0.1", "--timeout", "10", f"http://127.0.0.1:{srv.port}/root.tar.zst",
+             str(target)], stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while srv.stderr_path.read_text().count('" 503 ') < 2:
+            assert fetch.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        for h in holders:   # the storm passes
+            h.close()
+        _, err = fetch.communicate(timeout=60)
+    finally:
+        for h in holders:
+            h.close()
+        if fetch is not None and fetch.poll() is None:
+            fetch.kill()
+            fetch.wait()
+        srv.stop()
+    assert fetch.returncode == 0, err
+    assert (target / "etc/motd").read_text() == "booted\n"
+    waits = [line for line in err.splitlines() if "HTTP 503" in line]
+    assert waits, err
+    finding("`tmpfsboot fetch` against a server out of descriptors", "survived",
+            f"the node met {len(waits)} x 503 + Retry-After, waited, and extracted the "
+            f"root once descriptors were free again (a 403 would have failed it at once)")
 
 
 # -- 3. bad Range: an answer, no traceback ---------------------------------------------
