@@ -443,7 +443,25 @@ def test_serves_on_ipv6_loopback(image_dir: Path) -> None:
 
 @pytest.mark.unit
 @pytest.mark.parametrize("argv", [["--max-streams", "0"], ["--timeout", "0"],
-                                  ["--port", "x"]])
+                                  ["--port", "x"], ["--min-rate", "fast"],
+                                  ["--min-rate", "-1k"], ["--max-streams-per-client", "0"],
+                                  ["--min-rate-window", "0"]])
 def test_serve_verb_refuses_bad_options(tmp_path: Path, argv: list[str]) -> None:
     from tmpfsboot import cli
     assert cli.main(["serve", str(tmp_path), *argv]) == 2
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("text", "rate"), [("0", 0), ("65536", 65536), ("64k", 65536),
+                                            ("1M", 1 << 20), ("2g", 2 << 30)])
+def test_parse_rate(text: str, rate: int) -> None:
+    from tmpfsboot.serve import parse_rate
+    assert parse_rate(text) == rate
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("text", ["", "k", "1.5k", "-1", "\u0661k", "64kb"])
+def test_parse_rate_refuses(text: str) -> None:
+    from tmpfsboot.serve import parse_rate
+    with pytest.raises(ValueError):
+        parse_rate(text)
