@@ -50,10 +50,12 @@ bench: deps
 fleet: deps
 	$(BIN)/python bench/fleet.py --write
 
-# Rewrite the fault matrix in docs/reliability.md from a run of its tests.
+# Rewrite the fault matrix and the hostile-client tables in docs/reliability.md from a
+# run of their tests.
 reliability: deps
 	TMPFSBOOT_RELIABILITY_REPORT=docs/reliability.md $(BIN)/pytest -q \
-		tests/test_faults.py tests/test_hostile.py tests/test_resources.py
+		tests/test_faults.py tests/test_hostile.py tests/test_resources.py \
+		tests/test_serve_hostile.py
 
 # Manual pages, generated from the argument parser and the parameter tables.
 MANDIR := build/man

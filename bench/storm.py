@@ -67,20 +67,22 @@ def build_image(outdir: Path, size_mib: int) -> str:
 
 def serve_child(root: str, max_streams: int, retry_after: int,
                 conn: multiprocessing.connection.Connection) -> None:
-    """The server process: start, report the port; on "mark" or "stop", report and reset the
-    counts of answers by status and the peak of concurrent streams."""
+    """The server process: start, report the port; on "mark" or "stop", report the counts
+    of answers by status and the peak of concurrent streams since the last report (read
+    from the server's snapshot, taken and its peak restarted on the server's thread)."""
     from tmpfsboot.serve import start_server
 
     server = start_server(Path(root), max_streams=max_streams, retry_after=retry_after,
                           access_log=False)
     conn.send(server.port)
+    before: Counter[int] = Counter()
     while True:
         command = conn.recv()
-        # the requests and peak since the last "mark": the storm's own, not the warm-up's
-        counts = Counter(r.status for r in server.requests)
-        conn.send((dict(counts), server.peak_streams))
-        server.requests.clear()
-        server.peak_streams = 0
+        # the answers and peak since the last "mark": the storm's own, not the warm-up's
+        snap = server.snapshot(reset_peak=True)
+        counts = Counter(snap.by_status)
+        conn.send((dict(counts - before), snap.peak_streams))
+        before = counts
         if command == "stop":
             break
     server.stop()

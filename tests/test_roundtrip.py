@@ -86,8 +86,9 @@ def test_embedded_server_round_trip_keeps_every_entry(server: ImageServer, sourc
     r = fetch(server.url + "root.tar.zst", fresh_tmpfs)
     assert r.returncode == 0, r.stderr
     assert diff_trees(snapshot_tree(source), snapshot_tree(fresh_tmpfs)) == []
-    assert ("GET", "/root.tar.zst", 200) in server.requests
-    assert ("GET", "/SHA256SUMS", 200) in server.requests
+    recent = server.snapshot().recent
+    assert ("GET", "/root.tar.zst", 200) in recent
+    assert ("GET", "/SHA256SUMS", 200) in recent
 
 
 @pytest.mark.integration
@@ -126,7 +127,7 @@ def test_signed_round_trip_with_layers(server: ImageServer, source: Path, gpg_ke
     # Everything but the file the host layer replaced is the root image's.
     del want["etc/hostname"], got["etc/hostname"]
     assert diff_trees(want, got) == []
-    assert ("GET", "/SHA256SUMS.gpg", 200) in server.requests
+    assert ("GET", "/SHA256SUMS.gpg", 200) in server.snapshot().recent
 
 
 @pytest.mark.integration
@@ -167,14 +168,14 @@ def test_node_waits_out_a_503_at_the_cap_and_then_boots(images: Path, source: Pa
                  "0.1", "--timeout", "10", srv.url + "root.tar.zst", str(fresh_tmpfs)],
                 stderr=subprocess.PIPE, text=True)
             deadline = time.monotonic() + 20
-            while ("GET", "/root.tar.zst", 503) not in srv.requests:
+            while ("GET", "/root.tar.zst", 503) not in srv.snapshot().recent:
                 assert proc.poll() is None and time.monotonic() < deadline
                 time.sleep(0.02)
             # The node was told to come back: free the slot while it waits.
             held.release()
             _, err = proc.communicate(timeout=60)
             assert proc.returncode == 0, err
-            image_answers = [r.status for r in srv.requests if r.path == "/root.tar.zst"]
+            image_answers = srv.snapshot().statuses_of("/root.tar.zst")
             assert image_answers[0] == 503 and image_answers[-1] == 200
     finally:
         big.unlink()

@@ -161,7 +161,7 @@ def test_invalid_rootsize_panics_naming_the_value(kernel: Path, initrd: Path,
     with start_server(images.dir, access_log=False) as server:
         result = boot(kernel, initrd, server.port, f"root={images.root('base')}",
                       "rootsize=50x")
-        served = len(server.requests)
+        served = server.snapshot().answered
     assert images.nonce not in result.console
     assert any("rootsize=50x" in line for line in tmpfsboot_lines(result)), result.console[-2000:]
     assert result.has_line("Rebooting automatically due to panic= boot argument")

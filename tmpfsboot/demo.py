@@ -113,7 +113,7 @@ def run_demo(
         result = boot_vm(kernel_image(version), initrd, append=[f"root={root}", "loglevel=4"],
                          server_port=server.port, hostname=hostname, timeout=timeout,
                          echo=echo)
-        served = len(server.requests)
+        served = server.snapshot().answered
     echo(f"--- QEMU exited after {result.seconds:.1f} s; the server answered {served} requests ---")
     if result.timed_out:
         raise TmpfsbootError(f"the demo VM did not finish within {timeout:.0f} s")
