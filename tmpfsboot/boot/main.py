@@ -46,6 +46,9 @@ log = logging.getLogger("tmpfsboot")
 
 # Where the initramfs hook puts TMPFS_KEYRING, under /etc.
 KEYRING_NAME = "tmpfsboot/keyring.gpg"
+# Where the tmpfs moves to hold image layers (files, mounts, overlay upper and work), under
+# /run so that it moves into the new root with /run: the images stay mounted after boot.
+LAYERS_DIR = "tmpfsboot/layers"
 # Directories /init needs in the new root to move /dev, /proc, /sys and /run into.
 MOUNT_POINTS = ("dev", "proc", "sys", "run")
 
@@ -244,7 +247,8 @@ def step_fetch(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) 
 
     fetch_root(plan.layers, rootmnt, facts=facts, verify=verify, keyring=keyring,
                retries=plan.retries, timeout=plan.timeout, backoff=plan.backoff,
-               events=events, wait=wait_or_shell)
+               events=events, wait=wait_or_shell,
+               image_mounts=os.path.join(node.run, LAYERS_DIR))
     finish_root(rootmnt, conf, facts)
 
 
