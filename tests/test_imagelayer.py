@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from helpers_image import (
 from test_engine import REQUESTS, _serve, fetch, make_tree
 
 from tmpfsboot.boot.errors import SpaceError, UsageError, VerificationError
-from tmpfsboot.boot.imagelayer import LayerKind
+from tmpfsboot.boot.imagelayer import LayerKind, check_order
 from tmpfsboot.boot.log import EventLog
 from tmpfsboot.image import build_image
 
@@ -156,7 +157,7 @@ def test_image_after_tar_layer_is_refused_before_any_download(site: Served, node
     with pytest.raises(UsageError) as e:
         fetch(f"{base}host.tar.zst,{base}base.erofs", node.target,
               image_mounts=str(node.layers))
-    assert str(e.value) == (f"layer 2 ({base}base.erofs) is a erofs image after tar layer 1: "
+    assert str(e.value) == (f"layer 2 ({base}base.erofs) is an erofs image after tar layer 1: "
                             "image layers must come first in root=")
     assert "/host.tar.zst" not in REQUESTS  # the tar layer was never asked for
     assert os.listdir(node.target) == []
@@ -231,3 +232,38 @@ def loop_mounted(image: Path, mnt: Path) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run([UMOUNT, str(mnt)], check=True)
+
+
+EROFS_HEAD = bytes(1024) + (0xE0F5E1E2).to_bytes(4, "little")
+MAGIC_CASES = [
+    (b"hsqs" + bytes(100), LayerKind.SQUASHFS),
+    (EROFS_HEAD, LayerKind.EROFS),
+    (b"\x28\xb5\x2f\xfd" + bytes(2000), LayerKind.TAR),  # zstd: a tar layer's business
+    (bytes(1024) + b"hsqs", LayerKind.TAR),  # squashfs' magic only counts at 0
+    (b"", LayerKind.TAR),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("head", "kind"), MAGIC_CASES)
+def test_layer_kind_from_magic(head: bytes, kind: LayerKind) -> None:
+    assert LayerKind.from_magic(head) is kind
+
+
+S, E, T = LayerKind.SQUASHFS, LayerKind.EROFS, LayerKind.TAR
+ORDER_CASES = [
+    ([S], None), ([S, E, T, T], None), ([T, T], None), ([E, S], None),
+    ([T, S], "layer 2 (u2) is a squashfs image after tar layer 1"),
+    ([S, T, T, E], "layer 4 (u4) is an erofs image after tar layer 2"),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("kinds", "message"), ORDER_CASES)
+def test_image_layers_must_come_first(kinds: list[LayerKind], message: str | None) -> None:
+    urls = [[f"u{i}"] for i in range(1, len(kinds) + 1)]
+    if message is None:
+        check_order(kinds, urls)
+    else:
+        with pytest.raises(UsageError, match=re.escape(message)):
+            check_order(kinds, urls)

@@ -86,9 +86,9 @@ class LayerKind(enum.Enum):
         return self is not LayerKind.TAR
 
     @property
-    def modules(self) -> tuple[str, ...]:
-        """The kernel modules mounting this kind needs."""
-        return () if self is LayerKind.TAR else ("loop", self.value, "overlay")
+    def article(self) -> str:
+        """The kind with its indefinite article, for messages."""
+        return f"an {self.value}" if self is LayerKind.EROFS else f"a {self.value}"
 
 
 # Every kernel module an image layer may need, for the initramfs hook.
@@ -153,7 +153,7 @@ def check_order(kinds: Sequence[LayerKind], urls: Sequence[Sequence[str]]) -> No
     for i in range(first_tar + 1, len(kinds)):
         if kinds[i].is_image:
             raise UsageError(
-                f"layer {i + 1} ({urls[i][0]}) is a {kinds[i].value} image after tar layer "
+                f"layer {i + 1} ({urls[i][0]}) is {kinds[i].article} image after tar layer "
                 f"{first_tar + 1}: image layers must come first in root=")
 
 
