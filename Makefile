@@ -12,9 +12,9 @@ DEB_PACKAGES := \
 	tar xz-utils pixz zstd pigz bzip2 gpgv gnupg attr acl curl ca-certificates openssl \
 	initramfs-tools busybox-static kmod cpio linux-image-amd64 qemu-system-x86 \
 	nginx-light debootstrap shellcheck iproute2 libcap2-bin \
-	squashfs-tools erofs-utils
+	squashfs-tools erofs-utils dracut-core dracut-network dracut-live
 
-.PHONY: all deps test demo lint bench reliability clean
+.PHONY: all deps test demo lint bench bench-layers reliability clean
 
 all: test
 
@@ -44,6 +44,10 @@ demo: deps
 bench: deps
 	$(BIN)/python bench/fetch.py
 	$(BIN)/python bench/storm.py --write
+
+# tar.zst vs squashfs vs erofs vs dracut's livenet, booted in QEMU (about 20 minutes).
+bench-layers: deps
+	$(BIN)/python bench/layers.py --write
 
 # Rewrite the fault matrix in docs/reliability.md from a run of its tests.
 reliability: deps

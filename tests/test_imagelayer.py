@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import faultserver
 import pytest
 from helpers_image import (
     MOUNT,
@@ -33,6 +34,7 @@ from tmpfsboot.image import build_image
 pytestmark = pytest.mark.integration
 
 Served = tuple[Path, str]
+MIB = 1 << 20
 
 
 def mount_table() -> list[list[str]]:
@@ -267,3 +269,41 @@ def test_image_layers_must_come_first(kinds: list[LayerKind], message: str | Non
     else:
         with pytest.raises(UsageError, match=re.escape(message)):
             check_order(kinds, urls)
+
+
+def fault_site(tmp_path: Path) -> dict[str, bytes]:
+    """A squashfs root of a little over 3 MiB (incompressible), for the fault server."""
+    www = tmp_path / "www-faults"
+    www.mkdir()
+    tree = base_tree(tmp_path / "base")
+    (tree / "blob").write_bytes(os.urandom(3 << 20))
+    build_image(tree, www, "base", fmt="squashfs")
+    return {f"/{f.name}": f.read_bytes() for f in www.iterdir()}
+
+
+def test_image_download_resumes_after_a_reset(node: Node, tmp_path: Path) -> None:
+    files = fault_site(tmp_path)
+    with faultserver.serve(files) as srv:
+        # the probe, then the download: reset after 1 MiB, resumed
+        srv.script("/base.squashfs", faultserver.OK, faultserver.reset(MIB))
+        fetch(f"{srv.url}base.squashfs", node.target, image_mounts=str(node.layers),
+              retries=2)
+    assert [h.range for h in srv.requests_for("/base.squashfs")] == [
+        "bytes=0-4095", None, f"bytes={MIB}-"]
+    assert (node.layers / "images/1-base.squashfs").read_bytes() == files["/base.squashfs"]
+    assert mounts_under(node.target.parent)[str(node.target)] == "overlay"
+    assert (node.target / "etc/os-release").read_bytes() == b"ID=test\n"
+
+
+def test_image_flipped_in_transit_is_fetched_again_before_any_mount(node: Node,
+                                                                    tmp_path: Path) -> None:
+    files = fault_site(tmp_path)
+    with faultserver.serve(files) as srv:
+        srv.script("/base.squashfs", faultserver.OK, faultserver.flip(2 * MIB))
+        fetch(f"{srv.url}base.squashfs", node.target, image_mounts=str(node.layers),
+              retries=1)
+    # probe + bad download, then the root again: probe + good download
+    assert srv.count("/base.squashfs") == 4
+    assert srv.count("/SHA256SUMS") == 2
+    assert list(mounts_under(node.layers)) == [str(node.layers), f"{node.layers}/lower/1"]
+    assert (node.target / "blob").stat().st_size == 3 << 20

@@ -8,7 +8,9 @@ Started as ``python3.11 -I -S -m tmpfsboot.boot.main STEP ROOTMNT`` by the boot 
   config) and mounts the empty tmpfs root.
 - ``fetch ROOTMNT``: after the tmpfs-premount hooks. Gathers the node's facts, downloads,
   verifies and extracts every layer (``engine.fetch_root``), then writes resolv.conf,
-  hostname and hosts into the new root where the image brought none.
+  hostname and hosts into the new root where the image brought none. With squashfs or
+  erofs layers the tmpfs moves to /run/tmpfsboot/layers and an overlay of the images
+  takes its place on ROOTMNT (``imagelayer``).
 
 On failure a step prints one line, leaves it in /run/tmpfsboot/error for the boot script
 to hand to initramfs-tools' ``panic``, and exits 1. Standard library only.
