@@ -34,8 +34,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 
-from bench.fetch import write_section  # noqa: E402
+from fetch import write_section  # noqa: E402
+
 from tmpfsboot.image import build_image  # noqa: E402
 from tmpfsboot.initramfs import build_initramfs, default_kernel, kernel_image  # noqa: E402
 from tmpfsboot.serve import start_server  # noqa: E402
