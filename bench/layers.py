@@ -72,7 +72,8 @@ ExecStart=/usr/local/sbin/tmpfsboot-bench
 [Install]
 WantedBy=multi-user.target
 """
-INIT_STARTED = re.compile(r"systemd\[1\]: systemd \d+|Welcome to Debian")
+# systemd's first line. dracut's initramfs runs systemd too: the image's is the last one.
+INIT_STARTED = re.compile(r"systemd\[1\]: systemd \d+\S* running")
 
 
 def debian_mirror() -> str:
@@ -148,7 +149,7 @@ def boot_once(kernel: Path, initrd: Path, port: int, append: list[str]) -> Boot:
 
     def echo(line: str) -> None:
         now = time.monotonic() - start
-        if "init" not in seen and INIT_STARTED.search(line):
+        if "booted" not in seen and INIT_STARTED.search(line):
             seen["init"] = now
         if "booted" not in seen and "BENCH-MEM-KB" in line:
             seen["booted"] = now
@@ -210,8 +211,8 @@ def main() -> int:
                     print(f"round {r + 1} {name}: init {b.init} s, booted {b.booted} s, "
                           f"{b.mem_kb} kB in use, / is {b.root_fs}", flush=True)
         sizes = {"tmpfsboot": ours.stat().st_size, "dracut": theirs.stat().st_size}
-    body = report(results, files_sizes={k: v.stat().st_size if v.exists() else 0
-                                        for k, v in files.items()},
+        file_sizes = {k: v.stat().st_size for k, v in files.items()}
+    body = report(results, files_sizes=file_sizes,
                   unpacked=unpacked, initrd_sizes=sizes, rounds=args.rounds, kernel=version)
     print(body)
     if args.write:
