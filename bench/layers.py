@@ -232,8 +232,8 @@ def report(results: dict[str, list[Boot]], *, files_sizes: dict[str, int], unpac
         f"({files_sizes['squashfs'] / 1e6:.1f} MB, zstd) and base.erofs "
         f"({files_sizes['erofs'] / 1e6:.1f} MB, lz4hc); booted with Debian's {kernel} "
         f"under QEMU TCG, `-smp 1 -m {MEMORY}`, virtio-net, one loopback `tmpfsboot serve`; "
-        f"{rounds} interleaved rounds, medians. \"init\": QEMU start to systemd's first "
-        "console line; \"booted\": to `systemctl is-system-running --wait` returning; "
+        f"{rounds} interleaved rounds, medians. \"init\": QEMU start to the image's systemd "
+        "announcing itself; \"booted\": to `systemctl is-system-running --wait` returning; "
         "RAM: MemTotal - MemAvailable after `drop_caches`, then. Initramfs (zstd): "
         f"tmpfsboot {initrd_sizes['tmpfsboot'] / 1e6:.1f} MB (MODULES=list), dracut "
         f"livenet {initrd_sizes['dracut'] / 1e6:.1f} MB.",
