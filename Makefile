@@ -13,9 +13,10 @@ DEB_PACKAGES := \
 	initramfs-tools busybox-static kmod cpio linux-image-amd64 qemu-system-x86 \
 	nginx-light debootstrap shellcheck iproute2 libcap2-bin \
 	debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel \
-	dpkg-dev lintian man-db
+	dpkg-dev lintian man-db \
+	squashfs-tools erofs-utils dracut-core dracut-network dracut-live
 
-.PHONY: all deps test demo lint bench fleet reliability man deb clean
+.PHONY: all deps test demo lint bench bench-layers fleet reliability man deb clean
 
 all: test
 
@@ -49,6 +50,10 @@ bench: deps
 # 1,000 and 10,000 simulated nodes through three caching nginx in network namespaces.
 fleet: deps
 	$(BIN)/python bench/fleet.py --write
+
+# tar.zst vs squashfs vs erofs vs dracut's livenet, booted in QEMU (about 20 minutes).
+bench-layers: deps
+	$(BIN)/python bench/layers.py --write
 
 # Rewrite the fault matrix and the hostile-client tables in docs/reliability.md from a
 # run of their tests.

@@ -141,12 +141,13 @@ def test_build_writes_image_manifest_and_sums(built: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == [
         "SHA256SUMS", "root.manifest.json", "root.tar.zst"]
     manifest = json.loads((out / "root.manifest.json").read_text())
-    assert set(manifest) == {"name", "file", "compression", "size", "sha256",
+    assert set(manifest) == {"name", "file", "format", "compression", "size", "sha256",
                              "unpacked_size", "entries"}
     assert manifest["name"] == "root"
     assert manifest["file"] == "root.tar.zst"
     assert manifest["compression"] == "zstd"
     assert manifest["size"] == built.stat().st_size
+    assert manifest["format"] == "tar"
     subprocess.run(["sha256sum", "-c", "--strict", "SHA256SUMS"], cwd=out, check=True,
                    capture_output=True)
     assert (out / "SHA256SUMS").read_text() == f"{manifest['sha256']} *root.tar.zst\n"

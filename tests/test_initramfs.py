@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from helpers_https import https_server
 
+from tmpfsboot.boot.imagelayer import MODULES
 from tmpfsboot.initramfs import (
     INSTALLED,
     build_initramfs,
@@ -100,6 +102,20 @@ def test_initramfs_carries_python_engine_and_tools(initrd: Path) -> None:
     assert not [f for f in python if f.endswith(".py")]  # sourceless
     assert "usr/lib/python3.11/unittest/__init__.pyc" not in files  # only what the engine needs
     assert "usr/bin/pixz" not in files  # it would drag in 30 MB of ICU data
+
+
+@pytest.mark.integration
+def test_initramfs_carries_the_image_layer_modules_the_kernel_lacks(
+        initrd: Path, kernel_version: str) -> None:
+    files = listing(initrd)
+    modules = Path("/lib/modules", kernel_version)
+    builtin = (modules / "modules.builtin").read_text().split()
+    for name in MODULES:
+        if any(b.endswith(f"/{name}.ko") for b in builtin):
+            continue  # built in: nothing to carry
+        found = [f for f in files if re.search(rf"/{name}\.ko(\.[a-z]+)?$", f)]
+        assert found, f"{name}.ko missing"
+    assert "usr/bin/mksquashfs" not in files  # the build tools stay on the host
 
 
 @pytest.mark.integration

@@ -254,3 +254,105 @@ def test_spread_node_takes_its_layers_from_its_own_first_mirror(kernel: Path, in
     assert result.has_line(f"tmpfsboot: Mirrors spread by mac:{GUEST_MAC}: first {first}")
     assert server.count("/b/base.tar.zst") == 1 and server.count("/b/SHA256SUMS") == 1
     assert not [h.path for h in server.hits if h.path.startswith("/a/")]
+# -- Image layers: squashfs and erofs under an overlay ---------------------------------------
+
+# The image root's /sbin/init shows its mounts and whether the tar layer's whiteout hid
+# the image's file, then goes on as the demo's init does.
+IMAGE_INIT_EXTRA = """\
+mount -t proc proc /proc 2>/dev/null
+sed 's/^/MOUNTINFO /' /proc/self/mountinfo
+if [ -e /etc/tmpfsboot-demo/hideme ]; then echo "HIDEME present"; else echo "HIDEME absent"; fi
+"""
+
+
+class ImageLayers:
+    """base.squashfs and base.erofs of one demo root (with a file to hide), and a tar host
+    layer that adds a file and hides that one with a whiteout."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / "images"
+        self.dir.mkdir()
+        self.nonce = secrets.token_hex(8)
+        base = build_demo_root(root / "base", nonce=self.nonce)
+        init = base / "sbin/init"
+        script = init.read_text()
+        init.write_text(script.replace("echo\n", IMAGE_INIT_EXTRA + "echo\n", 1))
+        (base / "etc/tmpfsboot-demo/hideme").write_text("from the image\n")
+        for fmt in ("squashfs", "erofs"):
+            build_image(base, self.dir, "base", fmt=fmt)
+        host = build_layer(root / "host", {
+            "etc/tmpfsboot-demo/layers": "image base\nhost (tar)\n",
+            "etc/tmpfsboot-demo/.wh.hideme": "",
+        })
+        build_image(host, self.dir, "host", include_root=False)
+
+    def mounts(self, result: BootResult) -> dict[str, tuple[str, str]]:
+        """The guest's mount table after boot: mount point -> (type, source)."""
+        table = {}
+        for line in result.console.splitlines():
+            if line.startswith("MOUNTINFO "):
+                fields = line.split()[1:]
+                dash = fields.index("-")
+                table[fields[4]] = (fields[dash + 1], fields[dash + 2])
+        return table
+
+
+@pytest.fixture(scope="module")
+def image_layers(tmp_path_factory: pytest.TempPathFactory) -> ImageLayers:
+    return ImageLayers(tmp_path_factory.mktemp("vm-image-layers"))
+
+
+@pytest.fixture(scope="module")
+def squashfs_boot(kernel: Path, initrd: Path, image_layers: ImageLayers) -> BootResult:
+    with start_server(image_layers.dir, access_log=False) as server:
+        return boot(kernel, initrd, server.port,
+                    f"root={guest_url('base.squashfs')},{guest_url('host.tar.zst')}")
+
+
+def test_squashfs_base_with_tar_host_layer_boots_an_overlay(squashfs_boot: BootResult,
+                                                            image_layers: ImageLayers) -> None:
+    result = squashfs_boot
+    assert f"NONCE: {image_layers.nonce}" in result.console, result.console[-3000:]
+    assert result.has_line("layers:      image base host (tar) ")  # the tar layer's file
+    mounts = image_layers.mounts(result)
+    assert mounts["/"][0] == "overlay", mounts
+    # the image stays mounted after switch_root, visible under /run with its tmpfs
+    assert mounts["/run/tmpfsboot/layers"][0] == "tmpfs", mounts
+    kind, source = mounts["/run/tmpfsboot/layers/lower/1"]
+    assert kind == "squashfs" and source.startswith("/dev/loop"), mounts
+    assert any("layer 1/2: " in line and "squashfs in RAM, SHA-256 verified" in line
+               for line in tmpfsboot_lines(result)), "\n".join(tmpfsboot_lines(result))
+
+
+def test_whiteout_in_tar_layer_hides_a_file_of_the_image(squashfs_boot: BootResult) -> None:
+    assert squashfs_boot.has_line("HIDEME absent"), squashfs_boot.console[-3000:]
+
+
+def test_erofs_base_boots(kernel: Path, initrd: Path, image_layers: ImageLayers) -> None:
+    with start_server(image_layers.dir, access_log=False) as server:
+        result = boot(kernel, initrd, server.port, f"root={guest_url('base.erofs')}")
+    assert f"NONCE: {image_layers.nonce}" in result.console, result.console[-3000:]
+    mounts = image_layers.mounts(result)
+    assert mounts["/"][0] == "overlay" and mounts["/run/tmpfsboot/layers/lower/1"][0] == "erofs"
+    assert result.has_line("HIDEME present")  # no tar layer: the image's file is there
+
+
+def test_tampered_image_panics_with_checksum_message_before_mount(
+        kernel: Path, initrd: Path, image_layers: ImageLayers, tmp_path: Path) -> None:
+    tampered = tmp_path / "images"
+    tampered.mkdir()
+    for f in image_layers.dir.iterdir():
+        (tampered / f.name).write_bytes(f.read_bytes())
+    data = bytearray((tampered / "base.squashfs").read_bytes())
+    data[300] ^= 0x01  # one bit, inside the first block
+    (tampered / "base.squashfs").write_bytes(bytes(data))
+    with start_server(tampered, access_log=False) as server:
+        result = boot(kernel, initrd, server.port, f"root={guest_url('base.squashfs')}",
+                      "tmpfs.retries=0")
+    lines = tmpfsboot_lines(result)
+    assert image_layers.nonce not in result.console
+    assert any("base.squashfs: SHA-256 mismatch: expected" in line for line in lines), \
+        "\n".join(lines)
+    assert not any("mounted read-only" in line for line in lines)
+    assert "squashfs: version" not in result.console  # the kernel never parsed it
+    assert result.has_line("Rebooting automatically due to panic= boot argument")

@@ -130,7 +130,9 @@ def build_parser(argv: Sequence[str] = ()) -> ArgumentParser:
                        "on this host. ROOT is exactly what follows root= on a kernel "
                        "command line; DIR an existing directory. Exit 0 only when every "
                        "layer is in and verified; when the root fails for good, DIR is "
-                       "emptied rather than left half-done.")
+                       "emptied rather than left half-done. squashfs and erofs layers are "
+                       "not mounted here: each is verified and stored in DIR as a file "
+                       "under its own name, tar layers extracted beside them.")
     p.add_argument("root", metavar="ROOT")
     p.add_argument("dir", metavar="DIR")
     p.add_argument("--hostname", help="value of %%hostname")

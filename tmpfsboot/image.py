@@ -35,6 +35,7 @@ from .boot.compression import Compression
 from .boot.errors import CommandError, TmpfsbootError, UsageError
 from .boot.log import Progress, format_bytes, phase
 from .boot.run import require_program, run, spawn, wait_stage
+from .fsimage import FORMAT_CHOICES, FORMATS, FsFormat, parse_format, write_fs_image
 
 log = logging.getLogger("tmpfsboot")
 
@@ -146,12 +147,14 @@ class Manifest:
     sha256: str
     unpacked_size: int
     entries: int
+    format: str = "tar"
 
     def to_json(self) -> dict[str, object]:
         """The manifest as a JSON object (key order as in the file)."""
         return {
             "name": self.name,
             "file": self.file,
+            "format": self.format,
             "compression": self.compression,
             "size": self.size,
             "sha256": self.sha256,
@@ -401,10 +404,12 @@ def write_tarball(src: Path, out: IO[bytes], compression: Compressor, *,
     return digest.hexdigest()
 
 
-def build_image(src: Path, outdir: Path, name: str, *, compression: str = "zstd",
+def build_image(src: Path, outdir: Path, name: str, *, compression: str | None = None,
                 sign: str | None = None, gpg_homedir: Path | None = None,
-                level: int | None = None, include_root: bool = True) -> Path:
+                level: int | None = None, include_root: bool = True,
+                fmt: str = "tar") -> Path:
     """Build OUTDIR/NAME.tar.<zst|xz|gz> from the tree SRC; returns the image's path.
+    With FMT squashfs or erofs: OUTDIR/NAME.squashfs or NAME.erofs (see fsimage).
 
     With INCLUDE_ROOT (a root image) the archive's first member is `./`, SRC itself, whose
     mode and owner become the node's /. A layer (INCLUDE_ROOT false) leaves / as the
@@ -415,7 +420,12 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str = "zstd"
     OUTDIR/SHA256SUMS.gpg. Nothing appears under a final name before it is complete.
     """
     check_name(name)
-    comp = parse_compression(compression)
+    fs: FsFormat | None = None
+    if fmt == "tar":
+        compression = compression or "zstd"
+        comp = parse_compression(compression)
+    else:
+        fs, compression = parse_format(fmt, compression)
     if not src.is_dir():
         raise UsageError(f"{src}: not a directory")
     if not outdir.is_dir():
@@ -425,7 +435,7 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str = "zstd"
         raise UsageError(f"{outdir}: the output directory is inside the source tree {src}")
     if sign is not None:
         check_signing_key(sign, gpg_homedir)
-    file = name + comp.suffix
+    file = name + (comp.suffix if fs is None else fs.suffix)
     image = outdir / file
     with phase(f"Measuring {src}"):
         figures = measure_tree(src, include_root=include_root)
@@ -434,21 +444,24 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str = "zstd"
     fd, tmp_name = tempfile.mkstemp(dir=outdir, prefix=f".{file}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
-        with (phase(f"Writing {image} ({compression})") as figs,
+        with (phase(f"Writing {image} ({fmt}, {compression})") as figs,
               os.fdopen(fd, "wb") as out):
             try:
-                sha256 = write_tarball(src, out, comp, level=level, figures=figures,
-                                       label=f"Archiving {src}", include_root=include_root)
+                if fs is None:
+                    sha256 = write_tarball(src, out, comp, level=level, figures=figures,
+                                           label=f"Archiving {src}", include_root=include_root)
+                else:
+                    sha256 = write_fs_image(src, tmp, fs, compression, level=level)
                 out.flush()
                 os.fsync(out.fileno())
             except OSError as e:
                 raise TmpfsbootError(f"{image}: cannot write: {e.strerror}") from e
-            size = out.tell()
+            size = tmp.stat().st_size
             figs["bytes"] = size
         os.chmod(tmp, 0o644)
-        manifest = Manifest(name=name, file=file, compression=compression, size=size,
-                            sha256=sha256, unpacked_size=figures.unpacked_size,
-                            entries=figures.entries)
+        manifest = Manifest(name=name, file=file, compression=compression,
+                            size=size, sha256=sha256, unpacked_size=figures.unpacked_size,
+                            entries=figures.entries, format=fmt)
         with lock_directory(outdir):
             os.replace(tmp, image)
             write_atomically(outdir / f"{name}{MANIFEST_SUFFIX}",
@@ -512,13 +525,17 @@ def parse_packages(text: str | None) -> list[str]:
 
 
 def build_debootstrap_image(suite: str, outdir: Path, name: str, *, variant: str | None,
-                            include: Sequence[str], mirror: str | None, compression: str,
-                            sign: str | None, gpg_homedir: Path | None,
-                            level: int | None) -> Path:
+                            include: Sequence[str], mirror: str | None,
+                            compression: str | None, sign: str | None,
+                            gpg_homedir: Path | None, level: int | None,
+                            fmt: str = "tar") -> Path:
     """Debootstrap SUITE into a scratch directory beside OUTDIR's images, build the image
     from it, and remove the scratch directory."""
     check_name(name)
-    parse_compression(compression)
+    if fmt == "tar":
+        parse_compression(compression or "zstd")
+    else:
+        parse_format(fmt, compression)
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", suite):
         raise UsageError(f"--debootstrap {suite!r}: not a suite name")
     if not outdir.is_dir():
@@ -530,7 +547,7 @@ def build_debootstrap_image(suite: str, outdir: Path, name: str, *, variant: str
             run(compose_debootstrap_argv(suite, target, variant=variant, include=include,
                                  mirror=mirror))
         return build_image(target, outdir, name, compression=compression, sign=sign,
-                           gpg_homedir=gpg_homedir, level=level)
+                           gpg_homedir=gpg_homedir, level=level, fmt=fmt)
     finally:
         remove_tree(target)
 
@@ -543,14 +560,15 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         build_debootstrap_image(args.debootstrap, outdir, args.name, variant=args.variant,
                                 include=parse_packages(args.include), mirror=args.mirror,
                                 compression=args.compression, sign=args.sign,
-                                gpg_homedir=gpg_homedir, level=args.level)
+                                gpg_homedir=gpg_homedir, level=args.level,
+                                fmt=args.format)
     else:
         if getattr(args, "variant", None) or getattr(args, "include", None) or getattr(
                 args, "mirror", None):
             raise UsageError("--variant, --include and --mirror go with --debootstrap")
         build_image(Path(args.source), outdir, args.name, compression=args.compression,
                     sign=args.sign, gpg_homedir=gpg_homedir, level=args.level,
-                    include_root=args.include_root)
+                    include_root=args.include_root, fmt=args.format)
     return 0
 
 
@@ -559,8 +577,10 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
                    help="directory of images: gets NAME.tar.*, NAME.manifest.json, "
                    "SHA256SUMS (and SHA256SUMS.gpg with --sign)")
     p.add_argument("--name", required=True, help="image name (file name without .tar.*)")
-    p.add_argument("--compression", choices=list(COMPRESSORS), default="zstd",
-                   help="default: zstd")
+    p.add_argument("--compression", metavar="NAME",
+                   help=f"tar: {', '.join(COMPRESSORS)}; squashfs: "
+                   f"{', '.join(FORMATS['squashfs'].compressions)}; erofs: "
+                   f"{', '.join(FORMATS['erofs'].compressions)} (default: the first)")
     p.add_argument("--level", type=int, metavar="N",
                    help="compression level (default: zstd 9, xz 6, gzip 6)")
     p.add_argument("--sign", metavar="KEYID", help="sign SHA256SUMS with this gpg key")
@@ -583,6 +603,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     p.add_argument("--include", metavar="PKGS", help="debootstrap --include (comma-separated)")
     p.add_argument("--mirror", metavar="URL", help="debootstrap mirror")
     _add_output_options(p)
+    p.add_argument("--format", choices=FORMAT_CHOICES, default="tar",
+                   help="tar (a compressed tarball, extracted at boot), or squashfs or "
+                   "erofs (kept in RAM and mounted under an overlay); default: tar")
     p.set_defaults(include_root=True)
 
     p = verbs.add_parser("layer", help="build a small layer (e.g. per host) from a directory",
@@ -590,4 +613,4 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                          "same outputs as `image build`.")
     p.add_argument("--from", dest="source", metavar="DIR", required=True, help="the tree")
     _add_output_options(p)
-    p.set_defaults(include_root=False)
+    p.set_defaults(include_root=False, format="tar")

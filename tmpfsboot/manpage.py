@@ -23,7 +23,7 @@ Row = tuple[str, str]
 CMDLINE_HEADER: Row = ("parameter", "meaning")
 CMDLINE_PARAMETERS: tuple[Row, ...] = (
     ("`root=URL[,URL...]`", "layers, extracted in order; a later one overwrites an earlier "
-     "one, OCI whiteouts delete"),
+     "one, OCI whiteouts delete; squashfs/erofs image layers come first, stacked under an overlay"),
     ("`URL\\|URL`", "mirrors of one layer, tried in order"),
     ("`tmpfs.mirrors=ordered\\|spread`", "`spread`: each node orders every layer's mirrors by "
      "rendezvous hashing of its identity (SMBIOS UUID, else MAC, else hostname), so a fleet "

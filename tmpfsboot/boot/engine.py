@@ -9,6 +9,7 @@ The compressed image is never stored.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -48,6 +49,13 @@ from .fetch import (
     image_name,
     sibling_urls,
 )
+from .imagelayer import (
+    IMAGE_SUFFIXES,
+    TAR_SUFFIXES,
+    ImageStack,
+    LayerKind,
+    probe_kinds,
+)
 from .log import NO_EVENTS, EventLog, format_bytes, phase
 
 log = logging.getLogger("tmpfsboot")
@@ -62,12 +70,18 @@ class LayerSource:
     urls: tuple[str, ...]
     sha256: str | None
     unpacked_size: int | None
+    kind: LayerKind = LayerKind.TAR
+    image_size: int | None = None  # an image layer's file: what it holds in RAM
+
+    @property
+    def ram_size(self) -> int | None:
+        """What the layer needs in the tmpfs: its image file, or its unpacked tree."""
+        return self.image_size if self.kind.is_image else self.unpacked_size
 
 
 def manifest_name(image: str) -> str:
     """NAME.manifest.json for NAME.tar.zst, NAME.tar, NAME.tgz ..."""
-    for suffix in (".tar.zst", ".tar.xz", ".tar.gz", ".tar.bz2", ".tar", ".tzst", ".txz",
-                   ".tgz", ".tbz2"):
+    for suffix in TAR_SUFFIXES + IMAGE_SUFFIXES:
         if image.endswith(suffix):
             return image[: -len(suffix)] + ".manifest.json"
     return image + ".manifest.json"
@@ -141,8 +155,9 @@ def _fetch_metadata(number: int, urls: list[str], *, verify: Verify, keyring: st
 
 
 def check_space(sources: list[LayerSource], target: str) -> None:
-    """SpaceError, before any download, if the manifests declare more than TARGET holds."""
-    sizes = [s.unpacked_size for s in sources if s.unpacked_size is not None]
+    """SpaceError, before any download, if the layers need more than TARGET holds: tar
+    layers' unpacked sizes (from their manifests) plus image layers' files."""
+    sizes = [s.ram_size for s in sources if s.ram_size is not None]
     if not sizes:
         return
     st = os.statvfs(target)
@@ -150,7 +165,8 @@ def check_space(sources: list[LayerSource], target: str) -> None:
     need = sum(sizes)
     if need > free:
         raise SpaceError(
-            f"the root needs {need} bytes ({format_bytes(need)}, from the image manifests) "
+            f"the root needs {need} bytes ({format_bytes(need)}: image files and unpacked "
+            "tar layers) "
             f"but {target} has {free} bytes ({format_bytes(free)}) free; "
             "raise rootsize= or boot a smaller image"
         )
@@ -308,6 +324,7 @@ def fetch_root(
     events: EventLog = NO_EVENTS,
     preflight: bool = True,
     wait: Wait = time.sleep,
+    image_mounts: str | None = None,
 ) -> None:
     """Fetch, verify and extract every layer into TARGET, in order; later layers win.
 
@@ -317,6 +334,10 @@ def fetch_root(
     When a layer fails verification, or a resume is impossible, TARGET is emptied and
     the whole root fetched again while RETRIES last. When the root fails for good,
     TARGET is emptied too: a half root is never left behind.
+
+    Image layers (squashfs, erofs) are verified, then mounted under an overlay on TARGET
+    with IMAGE_MOUNTS (where TARGET's tmpfs moves to hold them: see imagelayer), else
+    stored as files in TARGET.
     """
     if not layers:
         raise UsageError("no layers to fetch")
@@ -335,7 +356,8 @@ def fetch_root(
         attempt += 1
         try:
             _fetch_once(urls, target, verify=verify, keyring=keyring, budget=budget,
-                        timeout=timeout, events=events, preflight=preflight)
+                        timeout=timeout, events=events, preflight=preflight,
+                        images=ImageStack(target, image_mounts))
             break
         except RestartRoot as e:
             empty_directory(target)
@@ -355,7 +377,7 @@ def fetch_root(
 
 def _fetch_once(urls: list[list[str]], target: str, *, verify: Verify, keyring: str | None,
                 budget: RetryBudget, timeout: float, events: EventLog,
-                preflight: bool) -> None:
+                preflight: bool, images: ImageStack) -> None:
     with phase("Fetching checksums and manifests", events):
         cache: SumsCache = {}
         sources = [
@@ -363,11 +385,31 @@ def _fetch_once(urls: list[list[str]], target: str, *, verify: Verify, keyring: 
                             timeout=timeout, preflight=preflight, cache=cache)
             for i, u in enumerate(urls, 1)
         ]
+        kinds = probe_kinds([s.urls for s in sources], budget=budget, timeout=timeout)
+        sources = [dataclasses.replace(s, kind=k, image_size=n)
+                   for s, (k, n) in zip(sources, kinds, strict=True)]
     if preflight:
         check_space(sources, target)
-    extractor = Extractor(target)
+    try:
+        _fetch_layers(sources, target, budget=budget, timeout=timeout, events=events,
+                      images=images)
+    except BaseException:
+        images.undo()  # unmounted and moved back: the caller empties TARGET
+        raise
+
+
+def _fetch_layers(sources: list[LayerSource], target: str, *, budget: RetryBudget,
+                  timeout: float, events: EventLog, images: ImageStack) -> None:
     total = len(sources)
     for source in sources:
+        if source.kind.is_image:
+            images.fetch(source.number, total, source.urls, sha256=source.sha256,
+                         budget=budget, timeout=timeout, events=events)
+    images.stack()
+    extractor = Extractor(target)
+    for source in sources:
+        if source.kind.is_image:
+            continue
         label = f"layer {source.number}/{total}"
         with phase(f"Fetching {label}: {' | '.join(source.urls)}", events,
                    layer=source.number) as figures:
@@ -378,7 +420,7 @@ def _fetch_once(urls: list[list[str]], target: str, *, verify: Verify, keyring: 
                            retries=budget.used - retries_before, members=stats.members,
                            whiteouts=stats.whiteouts,
                            unpacked_bytes=stats.bytes, verified=source.sha256 is not None,
-                           compression=how)
+                           compression=how, kind=source.kind.value)
             log.info("%s: %s in (%s), %d entries, %s unpacked%s", label,
                      format_bytes(result.size), how, stats.members, format_bytes(stats.bytes),
                      ", SHA-256 verified" if source.sha256 else "")

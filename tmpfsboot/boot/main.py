@@ -8,7 +8,9 @@ Started as ``python3.11 -I -S -m tmpfsboot.boot.main STEP ROOTMNT`` by the boot 
   config) and mounts the empty tmpfs root.
 - ``fetch ROOTMNT``: after the tmpfs-premount hooks. Gathers the node's facts, downloads,
   verifies and extracts every layer (``engine.fetch_root``), then writes resolv.conf,
-  hostname and hosts into the new root where the image brought none.
+  hostname and hosts into the new root where the image brought none. With squashfs or
+  erofs layers the tmpfs moves to /run/tmpfsboot/layers and an overlay of the images
+  takes its place on ROOTMNT (``imagelayer``).
 
 On failure a step prints one line, leaves it in /run/tmpfsboot/error for the boot script
 to hand to initramfs-tools' ``panic``, and exits 1. Standard library only.
@@ -51,6 +53,9 @@ log = logging.getLogger("tmpfsboot")
 
 # Where the initramfs hook puts TMPFS_KEYRING, under /etc.
 KEYRING_NAME = "tmpfsboot/keyring.gpg"
+# Where the tmpfs moves to hold image layers (files, mounts, overlay upper and work), under
+# /run so that it moves into the new root with /run: the images stay mounted after boot.
+LAYERS_DIR = "tmpfsboot/layers"
 # Directories /init needs in the new root to move /dev, /proc, /sys and /run into.
 MOUNT_POINTS = ("dev", "proc", "sys", "run")
 
@@ -265,7 +270,8 @@ def step_fetch(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) 
 
     fetch_root(layers, rootmnt, facts=facts, verify=verify, keyring=keyring,
                retries=plan.retries, timeout=plan.timeout, backoff=plan.backoff,
-               events=events, wait=wait_or_shell)
+               events=events, wait=wait_or_shell,
+               image_mounts=os.path.join(node.run, LAYERS_DIR))
     finish_root(rootmnt, conf, facts)
 
 

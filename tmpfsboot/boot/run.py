@@ -26,6 +26,8 @@ PACKAGES = {
     "lbzip2": "lbzip2",
     "gpgv": "gpgv",
     "gpg": "gnupg",
+    "mksquashfs": "squashfs-tools",
+    "mkfs.erofs": "erofs-utils",
     "mkinitramfs": "initramfs-tools",
     "qemu-system-x86_64": "qemu-system-x86",
     "debootstrap": "debootstrap",
