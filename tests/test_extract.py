@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from helpers_image import diff_trees, make_full_tree, mounted_tmpfs, snapshot_tree
 
+from tmpfsboot.boot.acl import acl_text_to_xattr
 from tmpfsboot.boot.errors import ArchiveError
-from tmpfsboot.boot.extract import Extractor, acl_text_to_xattr, normalize_name, parse_pax
+from tmpfsboot.boot.extract import Extractor, normalize_name
+from tmpfsboot.boot.tarheader import parse_pax
 
 GNU_TAR = ["tar", "--format=pax", "--numeric-owner", "--xattrs", "--xattrs-include=*",
            "--acls"]
@@ -186,8 +188,8 @@ def test_normalize_name_strips_leading_slash_and_dots(name: str, normal: str) ->
 def test_parse_pax_keeps_binary_values() -> None:
     record = b"SCHILY.xattr.security.capability=\x01\x00\x00\x02\n"
     data = str(len(record) + 3).encode() + b" " + record
-    assert parse_pax(data + b"12 path=a/b\n") == {
-        "SCHILY.xattr.security.capability": b"\x01\x00\x00\x02", "path": b"a/b"}
+    assert parse_pax(data + b"12 path=a/b\n") == [
+        ("SCHILY.xattr.security.capability", b"\x01\x00\x00\x02"), ("path", b"a/b")]
 
 
 @pytest.mark.unit
