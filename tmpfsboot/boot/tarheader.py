@@ -27,6 +27,7 @@ ZERO_BLOCK = bytes(BLOCK)
 MAX_EXTENSION = 64 << 20  # the largest pax or long-name header we accept
 MAX_ID = (1 << 32) - 2  # uid/gid: (uid_t)-1 means "unchanged" to chown
 MAX_SPARSE_ENTRIES = 1 << 20
+MAX_NUMBER = (1 << 62) - 1  # sizes, offsets, seconds: what off_t and time_t hold
 
 
 class TypeFlag(bytes, enum.Enum):
@@ -116,7 +117,8 @@ def _text(data: bytes) -> str:
     return _cstr(data).decode("utf-8", "surrogateescape")
 
 
-def parse_number(field: bytes, name: str, what: str, *, signed: bool = False) -> int:
+def parse_number(field: bytes, name: str, what: str, *, signed: bool = False,
+                 limit: int = MAX_NUMBER) -> int:
     """A numeric header field: octal text (space or NUL padded), or GNU base-256."""
     first = field[0]
     if first & 0x80:
@@ -127,6 +129,8 @@ def parse_number(field: bytes, name: str, what: str, *, signed: bool = False) ->
                 raise _fail(name, f"negative base-256 {what}")
         elif first != 0x80:
             raise _fail(name, f"corrupt base-256 {what}")
+        if abs(value) > limit:
+            raise _fail(name, f"base-256 {what} {value} is out of range")
         return value
     text = _cstr(field).strip(b" ")
     if not text:
@@ -173,7 +177,7 @@ def parse_pax_time(value: bytes, name: str, key: str = "mtime") -> int:
     whole, dot, frac = value.partition(b".")
     negative = whole.startswith(b"-")
     digits = whole[1:] if negative else whole
-    if not digits.isdigit() or (dot and not frac.isdigit()) or len(digits) > 30:
+    if not digits.isdigit() or (dot and not frac.isdigit()) or len(digits) > 18:
         raise _fail(name, f"pax {key} {value.decode('latin-1')!r} is not a time")
     ns = int(digits) * 1_000_000_000 + int((frac + b"000000000")[:9] if frac else b"0")
     return -ns if negative else ns
@@ -343,8 +347,8 @@ class HeaderParser:
                 m.linkname = (long_link if long_link is not None
                               else _cstr(block[157:257])).decode("utf-8", "surrogateescape")
             elif flag in (CHAR, BLOCKDEV):
-                m.devmajor = parse_number(block[329:337], name, "devmajor")
-                m.devminor = parse_number(block[337:345], name, "devminor")
+                m.devmajor = parse_number(block[329:337], name, "devmajor", limit=MAX_ID)
+                m.devminor = parse_number(block[337:345], name, "devminor", limit=MAX_ID)
         elif flag == 0x53:  # S: old GNU sparse
             self._old_gnu_sparse(m, block)
         else:
@@ -363,8 +367,8 @@ class HeaderParser:
     @staticmethod
     def _numbers(block: bytes, name: str) -> tuple[int, int, int, int, int]:
         return (parse_number(block[100:108], name, "mode"),
-                parse_number(block[108:116], name, "uid"),
-                parse_number(block[116:124], name, "gid"),
+                parse_number(block[108:116], name, "uid", limit=MAX_ID),
+                parse_number(block[116:124], name, "gid", limit=MAX_ID),
                 parse_number(block[124:136], name, "size"),
                 parse_number(block[136:148], name, "mtime", signed=True))
 
@@ -402,7 +406,7 @@ class HeaderParser:
                 if m.kind in (HARDLINK, SYMLINK):
                     m.linkname = _pax_name(value, name, key)
             elif key == "size":
-                size = _decimal(value, name, key, limit=1 << 62)
+                size = _decimal(value, name, key, limit=MAX_NUMBER)
                 if flag not in _HEADER_ONLY:
                     m.size = size
             elif key == "uid":
@@ -441,13 +445,13 @@ class HeaderParser:
         if key == "name":
             m.name = _pax_name(value, name, "GNU.sparse.name")
         elif key in ("size", "realsize"):
-            m.realsize = _decimal(value, name, "GNU.sparse." + key, limit=1 << 62)
+            m.realsize = _decimal(value, name, "GNU.sparse." + key, limit=MAX_NUMBER)
         elif key == "major":
             major = _decimal(value, name, "GNU.sparse.major", limit=1)
         elif key in ("offset", "numbytes"):
             pairs = pairs if pairs is not None else []
-            pairs.append(_decimal(value, name, "GNU.sparse." + key, limit=1 << 62))
+            pairs.append(_decimal(value, name, "GNU.sparse." + key, limit=MAX_NUMBER))
         elif key == "map":
-            pairs = [_decimal(v, name, "GNU.sparse.map", limit=1 << 62)
+            pairs = [_decimal(v, name, "GNU.sparse.map", limit=MAX_NUMBER)
                      for v in value.split(b",")]
         return pairs, major
