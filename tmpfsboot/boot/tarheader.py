@@ -19,6 +19,7 @@ import enum
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
+from zlib import adler32
 
 from .errors import ArchiveError
 
@@ -104,7 +105,10 @@ class Member:
     sparse_map_in_data: bool = False
 
 
-def _fail(name: str, what: str) -> ArchiveError:
+def _fail(name: str | bytes, what: str) -> ArchiveError:
+    """The error for member NAME (or the member whose header block NAME is)."""
+    if isinstance(name, bytes):
+        name = _header_name(name)
     return ArchiveError(f"tar member {name!r}: {what}")
 
 
@@ -117,7 +121,7 @@ def _text(data: bytes) -> str:
     return _cstr(data).decode("utf-8", "surrogateescape")
 
 
-def parse_number(field: bytes, name: str, what: str, *, signed: bool = False,
+def parse_number(field: bytes, name: str | bytes, what: str, *, signed: bool = False,
                  limit: int = MAX_NUMBER) -> int:
     """A numeric header field: octal text (space or NUL padded), or GNU base-256."""
     first = field[0]
@@ -148,10 +152,16 @@ def _header_name(block: bytes) -> str:
     return name.decode("utf-8", "surrogateescape")
 
 
+def unsigned_sum(block: bytes) -> int:
+    """The sum of a block's 512 bytes: zlib's adler32 sums in C, exactly while the sum
+    stays below its modulus 65521 (256 bytes sum to at most 65280)."""
+    return (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
+
+
 def verify_checksum(block: bytes) -> bool:
     """The header checksum, over unsigned bytes (or signed, as some old tars summed)."""
     field = block[148:156]
-    total = sum(block) - sum(field) + 256
+    total = unsigned_sum(block) - sum(field) + 256
     try:
         stored = parse_number(field, "", "checksum")
     except ArchiveError:
@@ -183,7 +193,7 @@ def parse_pax_time(value: bytes, name: str, key: str = "mtime") -> int:
     return -ns if negative else ns
 
 
-def parse_pax(data: bytes, name: str = "") -> list[tuple[str, bytes]]:
+def parse_pax(data: bytes, name: str | bytes = "") -> list[tuple[str, bytes]]:
     """Pax records `LEN KEY=VALUE\\n` in order (GNU sparse 0.0 repeats keys)."""
     records: list[tuple[str, bytes]] = []
     pos, end = 0, len(data)
@@ -293,38 +303,60 @@ class HeaderParser:
                                        f"{self.count} members")
                 raise ArchiveError(f"truncated archive: the stream ended inside a header "
                                    f"after {self.count} members")
-            if block == ZERO_BLOCK:
-                return None  # end of archive (a missing second zero block is fine, as in tar)
-            if not verify_checksum(block):
-                raise _fail(_header_name(block), f"corrupt tar header (checksum mismatch, "
-                            f"after {self.count} members)")
+            # The checksum, computed once: "%06o\0 " (GNU, pax) parsed inline; any other
+            # spelling, a signed sum or the end-of-archive block take the slow path.
+            field = block[148:154]
+            try:
+                ok = field.isdigit() and block[154] == 0 and int(field, 8) == (
+                    (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF)
+                    - 2 - sum(block[148:156]) + 256)
+            except ValueError:  # an 8 or a 9
+                ok = False
+            if not ok:
+                if block == ZERO_BLOCK:
+                    return None  # end of archive (one zero block is enough, as for tar)
+                if not verify_checksum(block):
+                    raise _fail(block, f"corrupt tar header (checksum mismatch, after "
+                                f"{self.count} members)")
             flag = block[156]
             if flag not in _EXTENSIONS:
                 self.count += 1
                 return self._member(block, flag, pax, long_name, long_link)
-            size = parse_number(block[124:136], _header_name(block), "size")
+            field = block[124:135]
+            try:
+                size = int(field, 8) if field.isdigit() and block[135] in (0, 32) else -1
+            except ValueError:
+                size = -1
+            if size < 0:
+                size = parse_number(block[124:136], block, "size")
             if size > MAX_EXTENSION:
-                raise _fail(_header_name(block), f"{size}-byte extended header")
-            data = read(size + (-size % BLOCK))
-            if len(data) < size + (-size % BLOCK):
-                raise _fail(_header_name(block), "truncated archive inside an extended header")
-            data = data[:size]
-            if flag in _PAX:
-                pax = parse_pax(data, _header_name(block))  # consecutive ones: the last wins
+                raise _fail(block, f"{size}-byte extended header")
+            padded = size + (-size % BLOCK)
+            data = read(padded)
+            if len(data) < padded:
+                raise _fail(block, "truncated archive inside an extended header")
+            if flag == 0x78 or flag == 0x58:  # x, X: consecutive ones: the last wins
+                pax = parse_pax(data[:size], block)
             elif flag == 0x67:  # g
-                self.global_pax.update(parse_pax(data, _header_name(block)))
+                self.global_pax.update(parse_pax(data[:size], block))
             elif flag == 0x4C:  # L
-                long_name = _cstr(data)
+                long_name = _cstr(data[:size])
             else:
-                long_link = _cstr(data)
+                long_link = _cstr(data[:size])
 
     def _member(self, block: bytes, flag: int, pax: list[tuple[str, bytes]] | None,
                 long_name: bytes | None, long_link: bytes | None) -> Member:
-        raw_name = long_name if long_name is not None else _cstr(block[0:100])
-        if long_name is None and block[257:263] == b"ustar\0" and block[345]:
-            # the POSIX prefix (star's is shorter: its atime and ctime follow)
-            prefix = block[345:476] if block[508:512] == b"tar\0" else block[345:500]
-            raw_name = _cstr(prefix) + b"/" + raw_name
+        if long_name is None:
+            raw_name = block[0:100]
+            end = raw_name.find(0)
+            if end >= 0:
+                raw_name = raw_name[:end]
+            if block[345] and block[257:263] == b"ustar\0":
+                # the POSIX prefix (star's is shorter: its atime and ctime follow)
+                prefix = block[345:476] if block[508:512] == b"tar\0" else block[345:500]
+                raw_name = _cstr(prefix) + b"/" + raw_name
+        else:
+            raw_name = long_name
         name = raw_name.decode("utf-8", "surrogateescape")
         nums = block[100:148]
         if not nums.translate(None, _OCTAL_OR_PAD):
@@ -398,7 +430,9 @@ class HeaderParser:
         sparse_major = -1
         name = m.name
         for key, value in records:
-            if key == "path":  # even empty: GNU tar then fails on the nameless member
+            if key == "mtime" and value:  # first: image build writes one on every member
+                m.mtime_ns = parse_pax_time(value, name)
+            elif key == "path":  # even empty: GNU tar then fails on the nameless member
                 m.name = name = _pax_name(value, name, key)
             elif not value:
                 continue  # an empty value removes the record: the header's field stands
@@ -413,8 +447,6 @@ class HeaderParser:
                 m.uid = _decimal(value, name, key, limit=MAX_ID)
             elif key == "gid":
                 m.gid = _decimal(value, name, key, limit=MAX_ID)
-            elif key == "mtime":
-                m.mtime_ns = parse_pax_time(value, name)
             elif key.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.", "RHT.security.selinux")):
                 if m.xattrs is None:
                     m.xattrs = {}
