@@ -216,3 +216,23 @@ def test_xattrs_the_file_system_refuses_are_skipped_not_fatal(tmp_path: Path) ->
         assert (root / "etc/motd").read_bytes() == b"motd\n"
     finally:
         subprocess.run(["umount", str(root)], check=True)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("acl", ["user::rw-,user:1234:r--,group::r--,other::---",
+                                 "user::rw-,user:nosuchuser:r--,group::r--,mask::r--,other::---"])
+def test_acl_the_file_system_refuses_is_one_warning_naming_the_member(
+        acl: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As GNU tar: an ACL without a mask entry, or naming a user the root does not know,
+    is skipped with a warning; the file and the members after it are extracted."""
+    info, data = member("srv/file", data=b"acl\n")
+    info.pax_headers = {"SCHILY.acl.access": acl}
+    archive = tar_bytes(member("srv/", tarfile.DIRTYPE, mode=0o755), (info, data),
+                        member("srv/after", data=b"after\n"))
+    with mounted_tmpfs(tmp_path / "dst") as dst:
+        extract_file(archive, dst)
+        assert (dst / "srv/file").read_bytes() == b"acl\n"
+        assert (dst / "srv/after").read_bytes() == b"after\n"
+        assert "system.posix_acl_access" not in os.listxattr(dst / "srv/file")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "'srv/file'" in warnings[0], warnings

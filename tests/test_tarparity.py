@@ -58,6 +58,10 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Ima
         shutil.copy(archive, www / archive.parent.name / archive.name)
     for name in UNTERMINATED:
         (www / f"{name}.terminated").write_bytes((www / name).read_bytes() + bytes(1024))
+    bad_uid = tarfile.TarInfo("etc/bad")
+    bad_uid.pax_headers = {"uid": "abc"}
+    with tarfile.open(www / "bad-uid.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(bad_uid)
     (www / "gnu").mkdir()
     with mounted_tmpfs(tmp_path_factory.mktemp("tree")) as tree:
         make_corpus_tree(tree)
@@ -148,3 +152,12 @@ def assert_same_files_as_tarfile(archive: Path, tree: Path) -> None:
             data = tar.extractfile(m)
             assert data is not None
             assert (tree / m.name).read_bytes() == data.read(), m.name
+
+
+def test_bad_pax_value_in_layer_2_empties_layer_1_and_names_member_and_field(
+        corpus: tuple[Path, ImageServer], tmp_path: Path) -> None:
+    _, server = corpus
+    with mounted_tmpfs(tmp_path / "ours") as ours:
+        proc = fetch(f"{server.url}gnu/gnu-posix.tar,{server.url}bad-uid.tar", ours)
+        line = assert_failed_cleanly(proc, ours)
+    assert line.endswith("bad-uid.tar: tar member 'etc/bad': pax uid 'abc' is not a number")

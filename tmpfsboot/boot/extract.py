@@ -137,6 +137,7 @@ class Extractor:
         self._layer_paths: set[str] = set()
         self._deferred_dirs: list[tuple[str, str, Member]] = []
         self._ids: tuple[dict[str, int], dict[str, int]] | None = None
+        self._unsupported: set[str] = set()
         self._euid, self._egid = os.geteuid(), os.getegid()
         # directories (real relative paths) whose setgid bit makes new files inherit a group
         self._setgid_dirs: set[str] = set()
@@ -384,8 +385,7 @@ class Extractor:
         """Every xattr and ACL of M; the ones refused are named in one warning."""
         refused: list[str] = []
         for key, value in (m.xattrs or {}).items():
-            if not self._set_xattr(target, key, value, follow=follow):
-                refused.append(key)
+            self._set_xattr(target, key, value, refused, follow=follow)
         for kind, text in (m.acls or {}).items():
             key = f"system.posix_acl_{kind}"
             if (m.xattrs and key in m.xattrs) or not text.strip():
@@ -399,26 +399,31 @@ class Extractor:
             except ArchiveError as e:
                 refused.append(f"{key} ({e})")
                 continue
-            if not self._set_xattr(target, key, value, follow=follow):
-                refused.append(key)
+            self._set_xattr(target, key, value, refused, follow=follow)
         if refused:
             log.warning("tar member %r: the file system refused %s: skipped", m.name,
                         ", ".join(refused))
 
-    @staticmethod
-    def _set_xattr(target: int | str, key: str, value: bytes, *, follow: bool) -> bool:
-        """Set one xattr; False when the file system refuses it (as GNU tar, go on).
+    def _set_xattr(self, target: int | str, key: str, value: bytes, refused: list[str], *,
+                   follow: bool) -> None:
+        """Set one xattr; one the file system refuses goes into REFUSED (as GNU tar, go on).
 
-        Debian 12's tmpfs (kernel 6.1) refuses user.* xattrs; tmpfs takes them from 6.6 on.
-        A malformed ACL (no mask entry with named entries) is EINVAL.
+        A namespace the file system does not support at all (Debian 12's tmpfs, kernel 6.1,
+        refuses user.*; tmpfs takes them from 6.6 on) is named once, for its first member,
+        not for every file of the root. A malformed ACL (no mask entry) is EINVAL.
         """
         try:
             os.setxattr(target, key, value, follow_symlinks=follow)
         except OSError as e:
             if e.errno == errno.ENOSPC:
                 raise
-            return False
-        return True
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
+                namespace = key.split(".", 1)[0]
+                if namespace in self._unsupported:
+                    return
+                self._unsupported.add(namespace)
+                key += f" (no {namespace}.* xattrs here: the others are skipped silently)"
+            refused.append(key)
 
     def _whiteout(self, parent: str, base: str, member: str) -> None:
         """OCI whiteouts delete what earlier layers wrote (not this layer's own entries)."""
