@@ -42,6 +42,7 @@ demo: deps
 
 bench: deps
 	$(BIN)/python bench/fetch.py
+	$(BIN)/python bench/extract.py --write
 	$(BIN)/python bench/storm.py --write
 
 # Rewrite the fault matrix in docs/reliability.md from a run of its tests.
