@@ -139,6 +139,19 @@ def test_layer_whiteout_removes_file_of_earlier_layer(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_whiteout_with_data_skips_its_data_and_the_next_member_survives(tmp_path: Path) -> None:
+    layer1 = tar_bytes(member("etc/", tarfile.DIRTYPE, mode=0o755), member("etc/old", data=b"o"))
+    layer2 = tar_bytes(member("etc/.wh.old", data=b"junk" * 300),
+                       member("etc/after", data=b"after"))
+    with mounted_tmpfs(tmp_path / "root") as root:
+        ex = Extractor(str(root))
+        extract_file(layer1, root, ex)
+        extract_file(layer2, root, ex)
+        assert sorted(os.listdir(root / "etc")) == ["after"]
+        assert (root / "etc/after").read_bytes() == b"after"
+
+
+@pytest.mark.integration
 def test_later_layer_writes_through_merged_usr_symlink_inside_root(tmp_path: Path) -> None:
     layer1 = tar_bytes(member("usr/", tarfile.DIRTYPE, mode=0o755),
                        member("usr/bin/", tarfile.DIRTYPE, mode=0o755),

@@ -104,8 +104,16 @@ class _Reader:
             have += take
         return b"".join(parts)
 
-    def copy(self, fd: int, n: int, name: str) -> None:
-        """Write the next N bytes to FD."""
+    def copy(self, fd: int, n: int, name: str, *, pad: int = 0) -> None:
+        """Write the next N bytes to FD, then skip PAD bytes (a member's block padding)."""
+        pos = self.pos
+        if pos + n + pad <= self.end:  # the common case: all in the buffer, one write
+            written = os.write(fd, self.view[pos : pos + n])
+            self.pos = pos + written
+            n -= written
+            if not n:
+                self.pos += pad
+                return
         while n > 0:
             if self.pos >= self.end and not self._fill():
                 raise ArchiveError(f"truncated archive: the stream ended inside {name!r}")
@@ -116,6 +124,8 @@ class _Reader:
                 chunk = chunk[written:]
             self.pos += take
             n -= take
+        if pad:
+            self.skip(pad)
 
     def skip(self, n: int) -> None:
         while n > 0:
@@ -246,8 +256,6 @@ class Extractor:
                         f"the root file system is full at tar member {m.name!r} "
                         f"({label or 'layer'}); give it more room (rootsize=)") from e
                 raise ArchiveError(f"tar member {m.name!r}: {e.strerror}") from e
-            if m.kind == REGULAR:
-                reader.skip(-m.size % 512)
         self._finish_dirs()
         return stats
 
@@ -262,6 +270,8 @@ class Extractor:
             raise UnsafeMemberError(f"refusing tar member {m.name!r}: it names the root")
         parent, _, base = name.rpartition("/")
         if base.startswith(WHITEOUT):
+            if m.size:
+                reader.skip(m.size + (-m.size % 512))
             self._whiteout(parent, base, m.name)
             stats.whiteouts += 1
             return
@@ -313,8 +323,9 @@ class Extractor:
         try:
             if m.sparse is not None:
                 self._write_sparse(fd, m, reader)
+                reader.skip(-m.size % 512)
             elif m.size:
-                reader.copy(fd, m.size, m.name)
+                reader.copy(fd, m.size, m.name, pad=-m.size % 512)
             if self.same_owner and (m.uid != self._euid or m.gid != self._egid
                                     or rel.rpartition("/")[0] in self._setgid_dirs):
                 os.fchown(fd, m.uid, m.gid)

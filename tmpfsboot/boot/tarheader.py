@@ -385,7 +385,9 @@ class HeaderParser:
             self._old_gnu_sparse(m, block)
         else:
             m.kind = SKIP
-        if self.global_pax or pax:
+        if pax and len(pax) == 1 and pax[0][0] == "mtime" and pax[0][1] and not self.global_pax:
+            m.mtime_ns = parse_pax_time(pax[0][1], name)  # what image build writes, mostly
+        elif self.global_pax or pax:
             records = pax or []
             if self.global_pax:  # a per-file record, even an empty one, overrides
                 own = {key for key, _ in records}
