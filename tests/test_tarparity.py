@@ -16,7 +16,13 @@ from pathlib import Path
 
 import pytest
 from helpers_image import Entry, diff_trees, mounted_tmpfs, snapshot_tree
-from tarcorpus import GNU_EXTRACT, make_corpus_tree, make_gnu_archives, vendored_archives
+from tarcorpus import (
+    GNU_EXTRACT,
+    GNU_FORMATS,
+    make_corpus_tree,
+    make_gnu_archives,
+    vendored_archives,
+)
 
 from tmpfsboot.serve import ImageServer, start_server
 
@@ -74,8 +80,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Ima
 
 
 def _names() -> list[str]:
-    from tarcorpus import GNU_FORMATS
-
     return [f"gnu/{name}" for name, _ in GNU_FORMATS] + [
         f"{p.parent.name}/{p.name}" for p in vendored_archives()]
 
