@@ -45,6 +45,7 @@ demo: deps
 
 bench: deps
 	$(BIN)/python bench/fetch.py
+	$(BIN)/python bench/extract.py --write
 	$(BIN)/python bench/storm.py --write
 
 # 1,000 and 10,000 simulated nodes through three caching nginx in network namespaces.

@@ -129,6 +129,9 @@ class Entry:
     xattrs: tuple[tuple[str, bytes], ...]
     acl: str
     links: tuple[str, ...]
+    # only in strict snapshots: directory mtimes and where a file's data (not holes) lies
+    dir_mtime_ns: int | None = None
+    data_map: tuple[tuple[int, int], ...] | None = None
 
 
 def _kind(mode: int) -> str:
@@ -146,8 +149,55 @@ def _acl_text(path: Path) -> str:
     return out.stdout.decode()
 
 
-def snapshot_tree(root: Path) -> dict[str, Entry]:
-    """Every entry under ROOT (ROOT itself as '.') with its metadata, for comparison."""
+def _data_map(path: Path) -> tuple[tuple[int, int], ...]:
+    """(start, end) of each data extent: holes left out, as SEEK_DATA/SEEK_HOLE see them."""
+    extents = []
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end = os.fstat(fd).st_size
+        pos = 0
+        while pos < end:
+            try:
+                start = os.lseek(fd, pos, os.SEEK_DATA)
+            except OSError:
+                break  # ENXIO: only a hole is left
+            pos = os.lseek(fd, start, os.SEEK_HOLE)
+            extents.append((start, pos))
+    finally:
+        os.close(fd)
+    return tuple(extents)
+
+
+def _file_digest(path: Path, *, strict: bool) -> str:
+    """SHA-256 of the contents; STRICT hashes holes by their length, without reading them
+    (a sparse test file may be many GiB; strict snapshots compare the layout anyway)."""
+    h = hashlib.sha256()
+    if not strict:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        return h.hexdigest()
+    zeros = bytes(1 << 20)
+    pos = 0
+    with open(path, "rb") as f:
+        for start, end in (*_data_map(path), (os.fstat(f.fileno()).st_size, -1)):
+            h.update(f"hole {start - pos}".encode() if start > pos else b"")
+            if end < 0:
+                break
+            f.seek(start)
+            while start < end:
+                chunk = f.read(min(end - start, len(zeros)))
+                h.update(chunk)
+                start += len(chunk)
+            pos = end
+    return h.hexdigest()
+
+
+def snapshot_tree(root: Path, *, strict: bool = False) -> dict[str, Entry]:
+    """Every entry under ROOT (ROOT itself as '.') with its metadata, for comparison.
+
+    STRICT adds directory mtimes and the data/hole layout of files (both tar and
+    tmpfsboot set them; image tools need not)."""
     paths = [root]
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
@@ -166,7 +216,7 @@ def snapshot_tree(root: Path) -> dict[str, Entry]:
         kind = _kind(st.st_mode)
         digest = None
         if kind == "file":
-            digest = hashlib.sha256(p.read_bytes()).hexdigest()
+            digest = _file_digest(p, strict=strict)
         xattrs = tuple(sorted(
             (name, os.getxattr(p, name, follow_symlinks=False))
             for name in os.listxattr(p, follow_symlinks=False)))
@@ -183,6 +233,8 @@ def snapshot_tree(root: Path) -> dict[str, Entry]:
             xattrs=xattrs,
             acl="" if kind == "link" else _acl_text(p),
             links=tuple(sorted(inodes.get(st.st_ino, []))) if kind == "file" else (),
+            dir_mtime_ns=st.st_mtime_ns if strict and kind == "dir" else None,
+            data_map=_data_map(p) if strict and kind == "file" else None,
         )
     return result
 

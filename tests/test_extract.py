@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from helpers_image import diff_trees, make_full_tree, mounted_tmpfs, snapshot_tree
 
+from tmpfsboot.boot.acl import acl_text_to_xattr
 from tmpfsboot.boot.errors import ArchiveError
-from tmpfsboot.boot.extract import Extractor, acl_text_to_xattr, normalize_name, parse_pax
+from tmpfsboot.boot.extract import Extractor, normalize_name
+from tmpfsboot.boot.tarheader import parse_pax
 
 GNU_TAR = ["tar", "--format=pax", "--numeric-owner", "--xattrs", "--xattrs-include=*",
            "--acls"]
@@ -137,6 +139,19 @@ def test_layer_whiteout_removes_file_of_earlier_layer(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_whiteout_with_data_skips_its_data_and_the_next_member_survives(tmp_path: Path) -> None:
+    layer1 = tar_bytes(member("etc/", tarfile.DIRTYPE, mode=0o755), member("etc/old", data=b"o"))
+    layer2 = tar_bytes(member("etc/.wh.old", data=b"junk" * 300),
+                       member("etc/after", data=b"after"))
+    with mounted_tmpfs(tmp_path / "root") as root:
+        ex = Extractor(str(root))
+        extract_file(layer1, root, ex)
+        extract_file(layer2, root, ex)
+        assert sorted(os.listdir(root / "etc")) == ["after"]
+        assert (root / "etc/after").read_bytes() == b"after"
+
+
+@pytest.mark.integration
 def test_later_layer_writes_through_merged_usr_symlink_inside_root(tmp_path: Path) -> None:
     layer1 = tar_bytes(member("usr/", tarfile.DIRTYPE, mode=0o755),
                        member("usr/bin/", tarfile.DIRTYPE, mode=0o755),
@@ -186,8 +201,8 @@ def test_normalize_name_strips_leading_slash_and_dots(name: str, normal: str) ->
 def test_parse_pax_keeps_binary_values() -> None:
     record = b"SCHILY.xattr.security.capability=\x01\x00\x00\x02\n"
     data = str(len(record) + 3).encode() + b" " + record
-    assert parse_pax(data + b"12 path=a/b\n") == {
-        "SCHILY.xattr.security.capability": b"\x01\x00\x00\x02", "path": b"a/b"}
+    assert parse_pax(data + b"12 path=a/b\n") == [
+        ("SCHILY.xattr.security.capability", b"\x01\x00\x00\x02"), ("path", b"a/b")]
 
 
 @pytest.mark.unit
@@ -214,3 +229,23 @@ def test_xattrs_the_file_system_refuses_are_skipped_not_fatal(tmp_path: Path) ->
         assert (root / "etc/motd").read_bytes() == b"motd\n"
     finally:
         subprocess.run(["umount", str(root)], check=True)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("acl", ["user::rw-,user:1234:r--,group::r--,other::---",
+                                 "user::rw-,user:nosuchuser:r--,group::r--,mask::r--,other::---"])
+def test_acl_the_file_system_refuses_is_one_warning_naming_the_member(
+        acl: str, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """As GNU tar: an ACL without a mask entry, or naming a user the root does not know,
+    is skipped with a warning; the file and the members after it are extracted."""
+    info, data = member("srv/file", data=b"acl\n")
+    info.pax_headers = {"SCHILY.acl.access": acl}
+    archive = tar_bytes(member("srv/", tarfile.DIRTYPE, mode=0o755), (info, data),
+                        member("srv/after", data=b"after\n"))
+    with mounted_tmpfs(tmp_path / "dst") as dst:
+        extract_file(archive, dst)
+        assert (dst / "srv/file").read_bytes() == b"acl\n"
+        assert (dst / "srv/after").read_bytes() == b"after\n"
+        assert "system.posix_acl_access" not in os.listxattr(dst / "srv/file")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "'srv/file'" in warnings[0], warnings

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from .errors import ArchiveError, CommandError
 from .run import find_program, spawn, wait_stage
+from .tarheader import BLOCK, ZERO_BLOCK, verify_checksum
 
 log = logging.getLogger("tmpfsboot")
 
@@ -44,6 +45,8 @@ class Compression(enum.Enum):
                 return kind
         if len(head) >= _TAR_MAGIC_OFFSET + 5 and head[257:262] == b"ustar":
             return cls.NONE
+        if len(head) >= BLOCK and (verify_checksum(head[:BLOCK]) or head[:BLOCK] == ZERO_BLOCK):
+            return cls.NONE  # a v7 header (no magic) or an empty archive
         raise ArchiveError(
             f"{name}: not a tar archive nor gzip, xz, zstd or bzip2 data "
             f"(starts with {head[:8].hex()})"

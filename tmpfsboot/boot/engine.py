@@ -366,8 +366,8 @@ def fetch_root(
                 budget.fail(e)
             except FetchError:
                 raise e from None
-        except (TmpfsbootError, OSError):
-            empty_directory(target)  # never a half root, whatever stopped it
+        except BaseException:
+            empty_directory(target)  # never a half root, whatever stopped it (a bug too)
             raise
     elapsed = time.monotonic() - started
     events.write("root", ok=True, layers=len(urls), seconds=round(elapsed, 3),

@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Benchmark: the engine's extractor against GNU tar, a plain tar from the page cache.
+
+Builds a small-file root (40,000 files of 0-8 KiB in 400 directories, made here so every
+run extracts the same thing), archives it as `tmpfsboot image build` does (GNU tar,
+pax, a pax header on every member), keeps the tar in a tmpfs (so in the page cache) and
+extracts it into a fresh tmpfs with each method, interleaved round by round:
+
+- gnu-tar: `tar -x --xattrs --xattrs-include=* --numeric-owner -f ROOT.tar`
+- engine: `Extractor(target).extract(fd)` in a fresh python3.11 (start-up included,
+  about 30 ms), from the tree given by --engine NAME=DIR (default: this checkout), so a
+  change can be measured against the code before it (`--engine before=/tmp/old`).
+
+Prints medians, ratios to GNU tar and microseconds per member (wall and user CPU), and
+with --write puts them in docs/benchmarks.md under `## Extraction`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from fetch import mount_tmpfs, umount, write_section  # noqa: E402
+
+from tmpfsboot.image import TAR_OPTIONS  # noqa: E402
+
+FILES, DIRS, MAX_SIZE = 40_000, 400, 8192
+GNU_TAR = ["tar", "-x", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-f"]
+ENGINE = ("import os, sys; from tmpfsboot.boot.extract import Extractor; "
+          "fd = os.open(sys.argv[1], os.O_RDONLY); Extractor(sys.argv[2]).extract(fd)")
+
+
+def make_root(root: Path) -> int:
+    """The small-file tree; returns the number of tar members it makes."""
+    rng = random.Random(13)
+    for d in range(DIRS):
+        (root / f"d{d:03}").mkdir()
+    payload = rng.randbytes(MAX_SIZE)
+    for i in range(FILES):
+        (root / f"d{i % DIRS:03}" / f"f{i:05}").write_bytes(payload[: rng.randrange(MAX_SIZE)])
+    return 1 + DIRS + FILES
+
+
+def timed(argv: list[str]) -> tuple[float, float, float]:
+    """(wall, user, system) seconds of ARGV run to completion."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.monotonic()
+    subprocess.run(argv, check=True, stdin=subprocess.DEVNULL)
+    wall = time.monotonic() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--engine", action="append", default=[],
+                        help="NAME=DIR: a tree holding tmpfsboot/ to measure (repeatable)")
+    parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    args = parser.parse_args()
+    engines = dict(e.split("=", 1) for e in args.engine) or {"engine": str(REPO)}
+    with tempfile.TemporaryDirectory(prefix="tmpfsboot-bench-") as tmp:
+        work = Path(tmp)
+        src, target = work / "src", work / "target"
+        mount_tmpfs(src, "2g")
+        try:
+            members = make_root(src)
+            archive = src / "root.tar"
+            subprocess.run(["tar", "-c", "-f", str(archive), *TAR_OPTIONS, "-C", str(src),
+                            *sorted(p.name for p in src.iterdir() if p.name != "root.tar")],
+                           check=True)
+            methods = {"gnu-tar": [*GNU_TAR, str(archive), "-C", str(target)]}
+            for name, tree in engines.items():
+                methods[name] = ["env", f"PYTHONPATH={tree}", sys.executable, "-c", ENGINE,
+                                 str(archive), str(target)]
+            runs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
+            for _ in range(args.rounds):
+                for name, argv in methods.items():
+                    mount_tmpfs(target, "2g")
+                    try:
+                        runs[name].append(timed(argv))
+                    finally:
+                        umount(target)
+            size = archive.stat().st_size
+        finally:
+            umount(src)
+    body = report(runs, members, size, args.rounds)
+    print(body)
+    if args.write:
+        write_section(REPO / "docs" / "benchmarks.md", "## Extraction", body)
+    return 0
+
+
+def report(runs: dict[str, list[tuple[float, float, float]]], members: int, size: int,
+           rounds: int) -> str:
+    gnu = statistics.median(r[0] for r in runs["gnu-tar"])
+    lines = [
+        f"How reproduced: `python bench/extract.py` ({rounds} interleaved rounds, medians):",
+        f"a {size / 1e6:.0f} MB pax tar of {members:,} members (40,000 files of 0-8 KiB,",
+        "made as `image build` makes images) in a tmpfs, extracted into a fresh tmpfs.",
+        "",
+        "| method | wall | x GNU tar | user CPU | system CPU | wall per member "
+        "| user CPU per member |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, rs in runs.items():
+        wall = statistics.median(r[0] for r in rs)
+        user = statistics.median(r[1] for r in rs)
+        system = statistics.median(r[2] for r in rs)
+        lines.append(f"| {name} | {wall:.2f} s | {wall / gnu:.2f} | {user:.2f} s | "
+                     f"{system:.2f} s | {wall / members * 1e6:.1f} us | "
+                     f"{user / members * 1e6:.1f} us |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
