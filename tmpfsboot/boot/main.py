@@ -29,7 +29,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .cmdline import (
-    DEFAULT_ROOTSIZE,
     BootPlan,
     NetFacts,
     Verify,
@@ -37,6 +36,7 @@ from .cmdline import (
     parse_cmdline,
     parse_rootsize,
 )
+from .contract import DEFAULT_ROOTSIZE, KEYRING_NAME
 from .errors import CmdlineError, ShellRequested, TmpfsbootError, UsageError
 from .log import EventLog, phase, setup_logging
 from .netconf import NetConf, parse_net_conf, render_hostname, render_hosts, render_resolv_conf
@@ -44,8 +44,6 @@ from .run import run
 
 log = logging.getLogger("tmpfsboot")
 
-# Where the initramfs hook puts TMPFS_KEYRING, under /etc.
-KEYRING_NAME = "tmpfsboot/keyring.gpg"
 # Directories /init needs in the new root to move /dev, /proc, /sys and /run into.
 MOUNT_POINTS = ("dev", "proc", "sys", "run")
 
