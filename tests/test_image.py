@@ -24,16 +24,15 @@ from helpers_image import (
 )
 
 from tmpfsboot import cli
+from tmpfsboot.boot.contract import parse_sums
 from tmpfsboot.boot.errors import TmpfsbootError, UsageError
 from tmpfsboot.image import (
     PAGE,
     build_image,
     check_name,
     compose_debootstrap_argv,
-    format_sums,
     parse_compression,
     parse_packages,
-    parse_sums,
 )
 
 H1, H2 = "a" * 64, "b" * 64
@@ -41,23 +40,6 @@ H1, H2 = "a" * 64, "b" * 64
 
 
 # -- unit ---------------------------------------------------------------------------
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize(("text", "expected"), [
-    ("", {}),
-    (f"{H1} *root.tar.zst\n", {"root.tar.zst": H1}),
-    (f"{H1}  root.tar.zst\n{H2} *host.tar.gz\n", {"root.tar.zst": H1, "host.tar.gz": H2}),
-    (f"{H1.upper()}  x\n\n", {"x": H1}),
-])
-def test_parse_sums_reads_both_coreutils_forms(text: str, expected: dict[str, str]) -> None:
-    assert parse_sums(text) == expected
-
-
-@pytest.mark.unit
-def test_format_sums_sorts_by_name_in_binary_form() -> None:
-    assert format_sums({"b.tar.zst": H2, "a.tar.zst": H1}) == (
-        f"{H1} *a.tar.zst\n{H2} *b.tar.zst\n")
 
 
 @pytest.mark.unit

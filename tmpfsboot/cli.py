@@ -16,7 +16,6 @@ from collections.abc import Sequence
 
 from . import __version__
 from .boot.cmdline import (
-    DEFAULT_BACKOFF,
     MirrorOrder,
     NetFacts,
     Verify,
@@ -27,6 +26,7 @@ from .boot.cmdline import (
     parse_root,
     parse_timeout,
 )
+from .boot.contract import DEFAULT_BACKOFF, DEFAULT_TIMEOUT
 from .boot.engine import fetch_root
 from .boot.errors import TmpfsbootError, UsageError
 from .boot.log import EventLog, setup_logging
@@ -147,8 +147,9 @@ def build_parser(argv: Sequence[str] = ()) -> ArgumentParser:
     p.add_argument("--keyring", metavar="FILE", help="gpgv keyring for --verify signature")
     p.add_argument("--retries", type=_non_negative_int, metavar="N",
                    help="retries after a failure (default: unlimited)")
-    p.add_argument("--timeout", type=_positive_float, default=60.0, metavar="S",
-                   help="a connection stalled this long counts as broken (default: 60)")
+    p.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT, metavar="S",
+                   help="a connection stalled this long counts as broken "
+                   f"(default: {DEFAULT_TIMEOUT:g})")
     p.add_argument("--backoff", type=_positive_float, default=DEFAULT_BACKOFF, metavar="S",
                    help=f"first retry delay, doubled each time, jittered "
                    f"(default: {DEFAULT_BACKOFF:g})")

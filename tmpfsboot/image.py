@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import re
@@ -32,6 +31,15 @@ from pathlib import Path
 from typing import IO
 
 from .boot.compression import Compression
+from .boot.contract import (
+    MANIFEST_SUFFIX,
+    NAME_RE,
+    SIGNATURE_NAME,
+    SUMS_NAME,
+    Manifest,
+    parse_sums,
+    render_sums,
+)
 from .boot.errors import CommandError, TmpfsbootError, UsageError
 from .boot.log import Progress, format_bytes, phase
 from .boot.run import require_program, run, spawn, wait_stage
@@ -39,19 +47,12 @@ from .fsimage import FORMAT_CHOICES, FORMATS, FsFormat, parse_format, write_fs_i
 
 log = logging.getLogger("tmpfsboot")
 
-SUMS_NAME = "SHA256SUMS"
-SIGNATURE_NAME = "SHA256SUMS.gpg"
-MANIFEST_SUFFIX = ".manifest.json"
-
 # tmpfs allocates whole pages; the manifest's unpacked size counts in these.
 PAGE = 4096
 # tmpfs keeps a symlink target this long or shorter inside the inode, longer ones in a page.
 INLINE_SYMLINK_MAX = 60
 # Bytes of tar stream moved per read between tar and the compressor.
 CHUNK = 1 << 20
-
-# Image names end up in file names, in SHA256SUMS lines and in kernel command lines.
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 # GNU tar options that make the tarball the engine expects. Pax keeps high-resolution
 # mtimes, long names, xattrs (SCHILY.xattr.*) and ACLs; the exthdr.name and delete
@@ -136,33 +137,6 @@ class TreeFigures:
     content_bytes: int
 
 
-@dataclass(frozen=True)
-class Manifest:
-    """NAME.manifest.json: read by the engine for its RAM preflight."""
-
-    name: str
-    file: str
-    compression: str
-    size: int
-    sha256: str
-    unpacked_size: int
-    entries: int
-    format: str = "tar"
-
-    def to_json(self) -> dict[str, object]:
-        """The manifest as a JSON object (key order as in the file)."""
-        return {
-            "name": self.name,
-            "file": self.file,
-            "format": self.format,
-            "compression": self.compression,
-            "size": self.size,
-            "sha256": self.sha256,
-            "unpacked_size": self.unpacked_size,
-            "entries": self.entries,
-        }
-
-
 def check_name(name: str) -> str:
     """NAME if it is usable as an image name; UsageError naming it otherwise."""
     if not NAME_RE.fullmatch(name) or name.endswith(".manifest"):
@@ -219,24 +193,6 @@ def measure_tree(src: Path, *, include_root: bool = True) -> TreeFigures:
         account(os.lstat(src), str(src))
     walk(str(src))
     return TreeFigures(unpacked_size=size, entries=entries, content_bytes=content)
-
-
-def parse_sums(text: str) -> dict[str, str]:
-    """SHA256SUMS text -> {file name: hex digest}; both `HASH  NAME` and `HASH *NAME`."""
-    sums: dict[str, str] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        m = re.fullmatch(r"([0-9a-fA-F]{64}) [ *](.+)", line)
-        if not m:
-            raise TmpfsbootError(f"{SUMS_NAME} line {lineno}: not `HASH *NAME`: {line!r}")
-        sums[m.group(2)] = m.group(1).lower()
-    return sums
-
-
-def format_sums(sums: dict[str, str]) -> str:
-    """{file name: hex digest} -> SHA256SUMS text, sorted by name, `HASH *NAME` lines."""
-    return "".join(f"{digest} *{name}\n" for name, digest in sorted(sums.items()))
 
 
 @contextlib.contextmanager
@@ -307,11 +263,11 @@ def update_sums(outdir: Path, file: str, digest: str, *, sign: str | None,
     the result with SIGN if given. The caller holds the directory lock."""
     sums_path = outdir / SUMS_NAME
     try:
-        sums = parse_sums(sums_path.read_text(encoding="utf-8"))
+        sums = parse_sums(sums_path.read_text(encoding="utf-8"), strict=True)
     except FileNotFoundError:
         sums = {}
     sums[file] = digest
-    write_atomically(sums_path, format_sums(sums).encode())
+    write_atomically(sums_path, render_sums(sums).encode())
     signature = outdir / SIGNATURE_NAME
     if sign is not None:
         try:
@@ -465,7 +421,7 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str | None =
         with lock_directory(outdir):
             os.replace(tmp, image)
             write_atomically(outdir / f"{name}{MANIFEST_SUFFIX}",
-                             (json.dumps(manifest.to_json(), indent=2) + "\n").encode())
+                             manifest.render())
             update_sums(outdir, file, sha256, sign=sign, gpg_homedir=gpg_homedir)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -17,6 +17,7 @@ import ctypes
 import ctypes.util
 import json
 import logging
+import os
 import shutil
 import sys
 import tempfile
@@ -26,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from .boot.cmdline import MirrorOrder, parse_rootsize
+from .boot.contract import CA_BUNDLES, DEFAULT_ROOTSIZE, KEYRING_NAME
 from .boot.errors import CommandError, TmpfsbootError, UsageError
 from .boot.log import format_bytes, phase
 from .boot.run import find_program, require_program, run
@@ -59,8 +61,6 @@ EXTRA_ROOTS = ("runpy", "encodings.utf_8", "encodings.ascii", "encodings.latin_1
 # entry is a list of alternatives, the first found wins: pixz comes only without xz, as it
 # links libarchive and through libxml2 the 30 MB ICU data (xz -T0 decompresses in parallel).
 DECOMPRESSORS = (("zstd",), ("xz", "pixz"), ("pigz",))
-CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-KEYRING_PATH = "etc/tmpfsboot/keyring.gpg"
 # .pyc optimization level for the initramfs. Measured (docs/benchmarks.md): level 2 saves
 # 0.19 MB of a 11.5 MB zstd initramfs and no start-up time, but drops the engine's asserts.
 OPTIMIZE = 0
@@ -233,7 +233,8 @@ def stage_python(destdir: Path, *, optimize: int = OPTIMIZE) -> dict[str, list[s
     return report
 
 
-def stage_engine(destdir: Path, *, rootsize: str = "50%", keyring: Path | None = None,
+def stage_engine(destdir: Path, *, rootsize: str = DEFAULT_ROOTSIZE,
+                 keyring: Path | None = None,
                  mirrors: str = MirrorOrder.ORDERED.value) -> Staged:
     """Put into the initramfs tree DESTDIR what a tmpfs boot needs, except the ELF programs.
 
@@ -260,21 +261,22 @@ def stage_engine(destdir: Path, *, rootsize: str = "50%", keyring: Path | None =
         if not keyring.is_file():
             raise UsageError(f"TMPFS_KEYRING={keyring}: no such file")
         programs.append(require_program("gpgv"))
-        target = destdir / KEYRING_PATH
+        target = destdir / "etc" / KEYRING_NAME
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(keyring, target)
-    if CA_BUNDLE.exists():
-        target = destdir / CA_BUNDLE.relative_to("/")
+    ca_bundle = next((Path(p) for p in CA_BUNDLES if os.path.exists(p)), None)
+    if ca_bundle is not None:
+        target = destdir / ca_bundle.relative_to("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(CA_BUNDLE, target)
+        shutil.copyfile(ca_bundle, target)
         # OpenSSL's default file (OPENSSLDIR/cert.pem) as on the build host.
         default = destdir / "usr/lib/ssl/cert.pem"
         default.parent.mkdir(parents=True, exist_ok=True)
         if not default.is_symlink():
-            default.symlink_to(CA_BUNDLE)
+            default.symlink_to(ca_bundle)
     else:
         log.warning("%s: not found; https:// roots will fail (install ca-certificates)",
-                    CA_BUNDLE)
+                    CA_BUNDLES[0])
     if not has_builtin_nss_dns():
         nss = find_nss_dns()
         if nss:
@@ -472,7 +474,8 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     q.add_argument("--modules", choices=MODULES_CHOICES, default="list",
                    help="initramfs-tools' MODULES (default: list, plus virtio_pci virtio_net)")
     q.add_argument("--keyring", metavar="FILE", help="TMPFS_KEYRING: gpgv keyring to include")
-    q.add_argument("--rootsize", metavar="SIZE", help="ROOTSIZE: default tmpfs size (50%%)")
+    q.add_argument("--rootsize", metavar="SIZE", help="ROOTSIZE: default tmpfs size "
+                   f"({DEFAULT_ROOTSIZE.replace('%', '%%')})")
     q.add_argument("--mirrors", choices=[m.value for m in MirrorOrder],
                    help="TMPFS_MIRRORS: default mirror order (ordered; spread: per node by "
                    "rendezvous hashing)")
@@ -483,7 +486,7 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
     q = sub.add_parser("stage", help=argparse.SUPPRESS)
     q.add_argument("--destdir", required=True)
-    q.add_argument("--rootsize", default="50%")
+    q.add_argument("--rootsize", default=DEFAULT_ROOTSIZE)
     q.add_argument("--mirrors", default=MirrorOrder.ORDERED.value)
     q.add_argument("--keyring")
     q.set_defaults(func=cmd_stage)

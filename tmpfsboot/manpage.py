@@ -15,7 +15,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from . import __version__
-from .boot.cmdline import DEFAULT_BACKOFF, DEFAULT_ROOTSIZE, SUBSTITUTIONS
+from .boot.cmdline import SUBSTITUTIONS
+from .boot.contract import DEFAULT_BACKOFF, DEFAULT_ROOTSIZE
 from .initramfs import HOOK_DIRS, MODULES_CHOICES
 
 Row = tuple[str, str]

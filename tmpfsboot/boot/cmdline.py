@@ -12,6 +12,7 @@ import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .contract import DEFAULT_BACKOFF, DEFAULT_TIMEOUT
 from .errors import CmdlineError
 
 # Substitutions a URL may use; %% is a literal %.
@@ -23,10 +24,6 @@ _TOKEN = re.compile(r"%(%|[a-z]+|[0-9A-Fa-f]{2})?")
 _HEX2 = re.compile(r"[0-9A-Fa-f]{2}")
 _SIZE = re.compile(r"(?P<num>[0-9]+)(?P<unit>[kKmMgGtTpPeE%]?)")
 
-DEFAULT_ROOTSIZE = "50%"
-DEFAULT_TIMEOUT = 60.0
-# The first retry waits 10-40 s, as the seed's random 10-39 s; then it doubles.
-DEFAULT_BACKOFF = 10.0
 
 
 class Verify(enum.Enum):

@@ -12,14 +12,13 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
-import json
 import logging
 import os
 import threading
 import time
 from dataclasses import dataclass
 
-from .cmdline import DEFAULT_BACKOFF, Layer, NetFacts, Verify, resolve_url
+from .cmdline import Layer, NetFacts, Verify, resolve_url
 from .compression import (
     MAGIC_SIZE,
     PIPE_SIZE,
@@ -27,6 +26,13 @@ from .compression import (
     Compression,
     InProcessDecompressor,
     start_decompressor,
+)
+from .contract import (
+    DEFAULT_BACKOFF,
+    SIGNATURE_SUFFIX,
+    SUMS_NAME,
+    manifest_name,
+    parse_unpacked_size,
 )
 from .errors import (
     ArchiveError,
@@ -50,8 +56,6 @@ from .fetch import (
     sibling_urls,
 )
 from .imagelayer import (
-    IMAGE_SUFFIXES,
-    TAR_SUFFIXES,
     ImageStack,
     LayerKind,
     probe_kinds,
@@ -79,14 +83,6 @@ class LayerSource:
         return self.image_size if self.kind.is_image else self.unpacked_size
 
 
-def manifest_name(image: str) -> str:
-    """NAME.manifest.json for NAME.tar.zst, NAME.tar, NAME.tgz ..."""
-    for suffix in TAR_SUFFIXES + IMAGE_SUFFIXES:
-        if image.endswith(suffix):
-            return image[: -len(suffix)] + ".manifest.json"
-    return image + ".manifest.json"
-
-
 # SHA256SUMS already fetched (and its signature checked) in this attempt at the root,
 # by the mirror URLs asked: layers in one directory share one SHA256SUMS.
 SumsCache = dict[tuple[str, ...], tuple[bytes, str]]
@@ -102,14 +98,14 @@ def _fetch_sums(sums_urls: list[str], number: int, *, verify: Verify, keyring: s
         return cache[key]
     try:
         sums, sums_url = fetch_bytes(sums_urls, budget=budget, timeout=timeout,
-                                     label="SHA256SUMS")
+                                     label=SUMS_NAME)
     except PermanentHTTPError as e:
-        raise VerificationError(f"no SHA256SUMS for layer {number}: {e}") from e
+        raise VerificationError(f"no {SUMS_NAME} for layer {number}: {e}") from e
     if verify is Verify.SIGNATURE:
         assert keyring is not None
         try:
-            signature, _ = fetch_bytes([sums_url + ".gpg"], budget=budget,
-                                       timeout=timeout, label="SHA256SUMS.gpg")
+            signature, _ = fetch_bytes([sums_url + SIGNATURE_SUFFIX], budget=budget,
+                                       timeout=timeout, label=SUMS_NAME + SIGNATURE_SUFFIX)
         except PermanentHTTPError as e:
             raise VerificationError(f"no signature for {sums_url}: {e}") from e
         check_signature(sums, signature, keyring=keyring, what=sums_url)
@@ -128,7 +124,7 @@ def _fetch_metadata(number: int, urls: list[str], *, verify: Verify, keyring: st
     candidates = list(urls)
     while verify is not Verify.NO and sha256 is None:
         # the SHA256SUMS beside the first mirror that answers, and which lists its image
-        sums_urls = sibling_urls(candidates, "SHA256SUMS")
+        sums_urls = sibling_urls(candidates, SUMS_NAME)
         sums, sums_url = _fetch_sums(sums_urls, number, verify=verify, keyring=keyring,
                                      budget=budget, timeout=timeout, cache=cache)
         image_url = candidates[sums_urls.index(sums_url)] if sums_url in sums_urls else urls[0]
@@ -145,11 +141,10 @@ def _fetch_metadata(number: int, urls: list[str], *, verify: Verify, keyring: st
         try:
             data, _ = fetch_bytes(manifest_urls, budget=budget, timeout=timeout,
                                   label="manifest")
-            value = json.loads(data).get("unpacked_size")
-            unpacked = int(value) if isinstance(value, int) and value >= 0 else None
+            unpacked = parse_unpacked_size(data)
         except PermanentHTTPError:
             unpacked = None  # no manifest: no preflight for this layer
-        except (ValueError, AttributeError):
+        except ValueError:
             log.warning("layer %d: ignoring a manifest that is not valid JSON", number)
     return LayerSource(number=number, urls=tuple(urls), sha256=sha256, unpacked_size=unpacked)
 

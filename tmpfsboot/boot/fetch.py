@@ -19,6 +19,7 @@ import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .contract import CA_BUNDLES
 from .errors import FetchError, PermanentHTTPError, RestartRoot, TransientFetchError
 from .log import Progress
 
@@ -26,7 +27,6 @@ log = logging.getLogger("tmpfsboot")
 
 CHUNK = 1 << 20
 MAX_REDIRECTS = 5
-CA_BUNDLES = ("/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt")
 USER_AGENT = "tmpfsboot/0.1"
 
 # Answers that will not change by asking again: go to the next mirror.

@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from .contract import TAR_SUFFIXES
 from .errors import (
     ArchiveError,
     PermanentHTTPError,
@@ -43,12 +44,9 @@ from .run import run
 
 log = logging.getLogger("tmpfsboot")
 
-# File names that say "tarball": such a layer is not probed before the download (its own
-# stream's magic bytes decide, as ever). Any other name is probed: its first HEAD_SIZE
+# A layer whose name ends in one of TAR_SUFFIXES is not probed before the download (its
+# own stream's magic bytes decide, as ever). Any other name is probed: its first HEAD_SIZE
 # bytes, by a Range request, tell whether it is an image.
-TAR_SUFFIXES = (".tar.zst", ".tar.xz", ".tar.gz", ".tar.bz2", ".tar", ".tzst", ".txz", ".tgz",
-                ".tbz2")
-IMAGE_SUFFIXES = (".squashfs", ".sqfs", ".erofs")
 HEAD_SIZE = 4096
 
 _SQUASHFS_MAGIC = b"hsqs"

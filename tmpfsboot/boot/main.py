@@ -31,7 +31,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .cmdline import (
-    DEFAULT_ROOTSIZE,
     BootPlan,
     Layer,
     MirrorOrder,
@@ -44,6 +43,7 @@ from .cmdline import (
     parse_cmdline,
     parse_rootsize,
 )
+from .contract import DEFAULT_ROOTSIZE, KEYRING_NAME
 from .errors import CmdlineError, ShellRequested, TmpfsbootError, UsageError
 from .log import EventLog, phase, setup_logging
 from .netconf import NetConf, parse_net_conf, render_hostname, render_hosts, render_resolv_conf
@@ -51,8 +51,6 @@ from .run import run
 
 log = logging.getLogger("tmpfsboot")
 
-# Where the initramfs hook puts TMPFS_KEYRING, under /etc.
-KEYRING_NAME = "tmpfsboot/keyring.gpg"
 # Where the tmpfs moves to hold image layers (files, mounts, overlay upper and work), under
 # /run so that it moves into the new root with /run: the images stay mounted after boot.
 LAYERS_DIR = "tmpfsboot/layers"
