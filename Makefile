@@ -66,7 +66,7 @@ reliability: deps
 # Manual pages, generated from the argument parser and the parameter tables.
 MANDIR := build/man
 man: deps
-	$(BIN)/python -m tmpfsboot.manpage $(MANDIR)
+	$(BIN)/python -m tmpfsboot.cli.manpage $(MANDIR)
 
 # dist/tmpfsboot_VERSION_all.deb, built with dh + pybuild from a copy of the tree (so
 # dpkg-buildpackage writes nothing beside or inside the worktree), then checked by lintian.

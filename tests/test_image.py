@@ -26,7 +26,7 @@ from helpers_image import (
 from tmpfsboot import cli
 from tmpfsboot.boot.contract import parse_sums
 from tmpfsboot.boot.errors import TmpfsbootError, UsageError
-from tmpfsboot.image import (
+from tmpfsboot.host.image import (
     PAGE,
     build_image,
     check_name,

@@ -14,8 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from . import __version__
-from .boot.cmdline import (
+from .. import __version__
+from ..boot.cmdline import (
     MirrorOrder,
     NetFacts,
     Verify,
@@ -26,10 +26,10 @@ from .boot.cmdline import (
     parse_root,
     parse_timeout,
 )
-from .boot.contract import DEFAULT_BACKOFF, DEFAULT_TIMEOUT
-from .boot.engine import fetch_root
-from .boot.errors import TmpfsbootError, UsageError
-from .boot.log import EventLog, setup_logging
+from ..boot.contract import DEFAULT_BACKOFF, DEFAULT_TIMEOUT
+from ..boot.engine import fetch_root
+from ..boot.errors import TmpfsbootError, UsageError
+from ..boot.log import EventLog, setup_logging
 
 log = logging.getLogger("tmpfsboot")
 
@@ -159,7 +159,7 @@ def build_parser(argv: Sequence[str] = ()) -> ArgumentParser:
     verb = next((a for a in argv if not a.startswith("-")), None)
     for name in VERB_MODULES:
         if verb is None or verb == name or verb not in VERB_MODULES + OWN_VERBS:
-            importlib.import_module(f"tmpfsboot.{name}").add_parser(sub)
+            importlib.import_module(f"tmpfsboot.host.{name}").add_parser(sub)
     return parser
 
 

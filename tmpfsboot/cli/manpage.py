@@ -14,10 +14,10 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from . import __version__
-from .boot.cmdline import SUBSTITUTIONS
-from .boot.contract import DEFAULT_BACKOFF, DEFAULT_ROOTSIZE
-from .initramfs import HOOK_DIRS, MODULES_CHOICES
+from .. import __version__
+from ..boot.cmdline import SUBSTITUTIONS
+from ..boot.contract import DEFAULT_BACKOFF, DEFAULT_ROOTSIZE
+from ..host.initramfs import HOOK_DIRS, MODULES_CHOICES
 
 Row = tuple[str, str]
 
@@ -275,7 +275,7 @@ changes no initramfs until TMPFS=y is set.
 
 def render_pages() -> dict[str, str]:
     """File name -> roff text of every page."""
-    from .cli import build_parser  # the CLI imports every verb module; the pages need them
+    from . import build_parser  # the CLI imports every verb module; the pages need them
 
     return {
         "tmpfsboot.8": render_tmpfsboot_8(build_parser()),

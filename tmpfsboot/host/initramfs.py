@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .boot.cmdline import MirrorOrder, parse_rootsize
-from .boot.contract import CA_BUNDLES, DEFAULT_ROOTSIZE, KEYRING_NAME
-from .boot.errors import CommandError, TmpfsbootError, UsageError
-from .boot.log import format_bytes, phase
-from .boot.run import find_program, require_program, run
+from ..boot.cmdline import MirrorOrder, parse_rootsize
+from ..boot.contract import CA_BUNDLES, DEFAULT_ROOTSIZE, KEYRING_NAME
+from ..boot.errors import CommandError, TmpfsbootError, UsageError
+from ..boot.log import format_bytes, phase
+from ..boot.run import find_program, require_program, run
 
 log = logging.getLogger("tmpfsboot")
 

@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .boot.errors import TmpfsbootError
-from .boot.run import require_program
+from ..boot.errors import TmpfsbootError
+from ..boot.run import require_program
 from .initramfs import build_initramfs, default_kernel, kernel_image
 from .vm import BootResult, boot_vm, guest_url
 

@@ -15,7 +15,7 @@ import signal
 import socket
 from pathlib import Path
 
-from .boot.errors import TmpfsbootError, UsageError
+from ..boot.errors import TmpfsbootError, UsageError
 from .imageserver import (
     LISTEN_BACKLOG,
     MIN_RATE,

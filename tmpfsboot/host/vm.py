@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .boot.errors import UsageError
-from .boot.run import require_program, spawn
+from ..boot.errors import UsageError
+from ..boot.run import require_program, spawn
 
 log = logging.getLogger("tmpfsboot")
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .boot.compression import Compression
-from .boot.contract import (
+from ..boot.compression import Compression
+from ..boot.contract import (
     MANIFEST_SUFFIX,
     NAME_RE,
     SIGNATURE_NAME,
@@ -40,9 +40,9 @@ from .boot.contract import (
     parse_sums,
     render_sums,
 )
-from .boot.errors import CommandError, TmpfsbootError, UsageError
-from .boot.log import Progress, format_bytes, phase
-from .boot.run import require_program, run, spawn, wait_stage
+from ..boot.errors import CommandError, TmpfsbootError, UsageError
+from ..boot.log import Progress, format_bytes, phase
+from ..boot.run import require_program, run, spawn, wait_stage
 from .fsimage import FORMAT_CHOICES, FORMATS, FsFormat, parse_format, write_fs_image
 
 log = logging.getLogger("tmpfsboot")
