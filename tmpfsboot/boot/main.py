@@ -28,6 +28,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from . import dracutnet
 from .cmdline import (
     DEFAULT_ROOTSIZE,
     BootPlan,
@@ -48,6 +49,8 @@ log = logging.getLogger("tmpfsboot")
 KEYRING_NAME = "tmpfsboot/keyring.gpg"
 # Directories /init needs in the new root to move /dev, /proc, /sys and /run into.
 MOUNT_POINTS = ("dev", "proc", "sys", "run")
+# The exit status after x was pressed: the dracut glue opens its emergency shell.
+SHELL_EXIT = 3
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class Node:
     run: str = "/run"
     sys: str = "/sys"
     cmdline: str = "/proc/cmdline"
+    tmp: str = "/tmp"  # dracut's network facts
     set_hostname: bool = True  # the kernel's hostname, from DHCP
 
 
@@ -108,8 +112,14 @@ def wait_or_shell(seconds: float, *, fd: int | None = None) -> None:
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
-def read_net_conf(node: Node, device: str | None = None) -> NetConf:
-    """The /run/net-DEVICE.conf of the boot interface (else the first one); empty if none."""
+def read_net_conf(node: Node, device: str | None = None, *, source: str | None = None) -> NetConf:
+    """The /run/net-DEVICE.conf of the boot interface (else the first one); empty if none.
+
+    SOURCE "dracut" (TMPFSBOOT_NETCONF, set by the dracut glue) reads dracut's facts instead.
+    """
+    if source == dracutnet.SOURCE:
+        text = read_text(dracutnet.dhcpopts_path(node.tmp, device)) if device else None
+        return dracutnet.parse_dhcpopts(text or "", device=device)
     paths = sorted(glob.glob(f"{node.run}/net-*.conf"))
     preferred = f"{node.run}/net-{device}.conf" if device else None
     if preferred in paths:
@@ -219,7 +229,7 @@ def gather_facts(plan: BootPlan, conf: NetConf, node: Node, env: dict[str, str])
 def step_mount(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) -> None:
     """Write the initramfs' network files, then mount the empty tmpfs root on ROOTMNT."""
     plan = read_plan(node)
-    conf = read_net_conf(node, env.get("DEVICE"))
+    conf = read_net_conf(node, env.get("DEVICE"), source=env.get("TMPFSBOOT_NETCONF"))
     written = write_identity(node.etc, conf, replace=True)
     if written:
         log.info("Network: %s, wrote /etc/%s", conf.address or "no address",
@@ -235,7 +245,7 @@ def step_mount(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) 
 def step_fetch(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) -> None:
     """Fetch, verify and extract every layer into ROOTMNT, then complete the new root's /etc."""
     plan = read_plan(node)
-    conf = read_net_conf(node, env.get("DEVICE"))
+    conf = read_net_conf(node, env.get("DEVICE"), source=env.get("TMPFSBOOT_NETCONF"))
     facts = gather_facts(plan, conf, node, env)
     path = os.path.join(node.etc, KEYRING_NAME)
     keyring = path if os.path.exists(path) else None
@@ -311,7 +321,7 @@ def main(argv: Sequence[str] | None = None, *, node: Node = Node()) -> int:
         events.write("error", step=step, message=str(e))
         write_file(os.path.join(state, "error"), message + "\n")
         print(message, file=sys.stderr)
-        return 1
+        return SHELL_EXIT if isinstance(e, ShellRequested) else 1
     finally:
         events.close()
 

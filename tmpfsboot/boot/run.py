@@ -27,6 +27,7 @@ PACKAGES = {
     "gpgv": "gpgv",
     "gpg": "gnupg",
     "mkinitramfs": "initramfs-tools",
+    "dracut": "dracut-core",
     "qemu-system-x86_64": "qemu-system-x86",
     "debootstrap": "debootstrap",
     "nginx": "nginx-light",
