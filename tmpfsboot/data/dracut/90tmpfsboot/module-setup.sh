@@ -1,4 +1,5 @@
 #!/bin/bash
+# shellcheck disable=SC2154 # initdir, moddir, systemdsystemunitdir: set by dracut
 # tmpfsboot's dracut module: a disk-less root on tmpfs, fetched over HTTP(S) by the same
 # Python engine as with initramfs-tools. `tmpfsboot initramfs stage` decides what goes
 # in (Debian's python3.11, the standard-library modules the engine imports as .pyc, the

@@ -3,6 +3,6 @@
 # rd.emergency action, halt by default) with the engine's message, as initramfs-tools' panic.
 
 if [ -e /run/tmpfsboot/failed ]; then
-    : > /run/initramfs/.die
+    mkdir -p /run/initramfs && : > /run/initramfs/.die
     emergency_shell -n tmpfsboot "$(cat /run/tmpfsboot/error 2> /dev/null || echo "tmpfsboot: failed")"
 fi

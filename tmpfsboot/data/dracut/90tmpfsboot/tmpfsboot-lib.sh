@@ -1,4 +1,5 @@
 #!/bin/sh
+# shellcheck disable=SC2154 # netroot: set by dracut's cmdline hooks
 # tmpfsboot's dracut glue, shared by its hooks and /sbin/tmpfsroot.
 
 # True on a tmpfs boot (parse-tmpfsboot.sh set netroot=tmpfs:...).

@@ -7,13 +7,18 @@
 # /run/tmpfsboot/error; the pre-mount hook turns it into dracut's emergency behaviour.
 
 PATH=/usr/sbin:/usr/bin:/sbin:/bin
+# shellcheck source=/dev/null # part of dracut
 type getarg > /dev/null 2>&1 || . /lib/dracut-lib.sh
+# shellcheck source=tmpfsboot-lib.sh
 . /lib/tmpfsboot-lib.sh
 
 netif="$1"
 newroot="${3:-${NEWROOT:-/sysroot}}"
 state=/run/tmpfsboot
-stage="${state}/root"
+# systemd makes /run a shared mount, and the kernel moves no mount whose parent is shared:
+# the staging point gets a private parent of its own
+staging="${state}/staging"
+stage="${staging}/root"
 
 # once, for the first interface that comes up
 mkdir -p "${state}"
@@ -46,10 +51,14 @@ tmpfs_fail() {
 
 # the console, where x opens a shell (systemd gives the initqueue none)
 [ -c /dev/console ] && exec 0< /dev/console
+mkdir -p "${staging}"
+{ mount --bind "${staging}" "${staging}" && mount --make-private "${staging}"; } \
+    || tmpfs_fail "making ${staging} a private mount"
 mkdir -p "${stage}"
 tmpfs_engine mount "${stage}" || tmpfs_fail mount
 tmpfs_run_scripts tmpfs-premount "${stage}"
 tmpfs_engine fetch "${stage}" || tmpfs_fail fetch
 tmpfs_run_scripts tmpfs-bottom "${stage}"
 mount --move "${stage}" "${newroot}" || tmpfs_fail "moving the root to ${newroot}"
+umount "${staging}"
 : > "${state}/done"
