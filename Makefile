@@ -11,7 +11,8 @@ DEB_PACKAGES := \
 	python3.11-minimal python3-venv \
 	tar xz-utils pixz zstd pigz bzip2 gpgv gnupg attr acl curl ca-certificates openssl \
 	initramfs-tools busybox-static kmod cpio linux-image-amd64 qemu-system-x86 \
-	nginx-light debootstrap shellcheck iproute2 libcap2-bin
+	nginx-light debootstrap shellcheck iproute2 libcap2-bin \
+	dracut-core dracut-network isc-dhcp-client iputils-arping
 
 .PHONY: all deps test demo lint bench reliability clean
 

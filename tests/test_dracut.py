@@ -6,6 +6,7 @@ import hashlib
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -133,6 +134,21 @@ def test_render_conf_checks_values_before_dracut_runs(tmp_path: Path) -> None:
         render_conf(rootsize=None, keyring=tmp_path / "nokey.gpg", scripts=None)
 
 
+@pytest.mark.unit
+@pytest.mark.parametrize("options", [
+    ["--generator", "dracut", "--modules", "most"],  # initramfs-tools' own option
+    ["--systemd"],  # a dracut flavour, without --generator dracut
+    ["--generator", "mkinitcpio"],
+])
+def test_build_rejects_options_of_the_other_generator(options: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "initrd.img"
+    proc = subprocess.run([sys.executable, "-m", "tmpfsboot", "initramfs", "build", "-o",
+                           str(out), *options], capture_output=True, text=True, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) <= 3 and "Traceback" not in proc.stderr
+    assert not out.exists()
+
+
 def tree_digest(root: Path) -> str:
     """A digest of every path, mode and content under ROOT (absent: empty)."""
     h = hashlib.sha256()
@@ -145,6 +161,7 @@ def tree_digest(root: Path) -> str:
 
 def lsinitrd(initrd: Path) -> set[str]:
     out = subprocess.run(["lsinitrd", "--", str(initrd)], capture_output=True, text=True,
+                         errors="replace",
                          check=True)
     return {line.split(" -> ")[0].split()[-1] for line in out.stdout.splitlines()
             if line.startswith(("-", "d", "l"))}
@@ -156,7 +173,7 @@ def test_dracut_initramfs_carries_engine_and_leaves_dracut_config_untouched(
     files = lsinitrd(dracut_initrd)
     for want in ("usr/bin/python3.11", "usr/lib/python3.11/os.pyc",
                  "usr/lib/python3.11/tmpfsboot/boot/main.pyc", "usr/bin/zstd",
-                 "sbin/tmpfsroot", "usr/lib/dracut/hooks/cmdline/90-parse-tmpfsboot.sh",
+                 "usr/sbin/tmpfsroot", "usr/lib/dracut/hooks/cmdline/90-parse-tmpfsboot.sh",
                  "usr/sbin/dhclient"):
         assert want in files, want
     # the extension modules' libraries, which dracut-install does not follow by itself
@@ -169,7 +186,7 @@ def test_dracut_build_without_tmpfsboot_adds_nothing(tmp_path: Path, kernel_vers
     plain = build_dracut(tmp_path / "plain.img", kernel=kernel_version, enable=False)
     assert [tree_digest(Path("/etc/dracut.conf.d")), tree_digest(DRACUT_BASEDIR)] == before
     files = lsinitrd(plain)
-    assert "usr/bin/python3.11" not in files and "sbin/tmpfsroot" not in files
+    assert "usr/bin/python3.11" not in files and "usr/sbin/tmpfsroot" not in files
 
 
 # ----- boots of a real kernel with a dracut-built initramfs -----

@@ -125,7 +125,8 @@ def render_conf(*, rootsize: str | None, keyring: Path | None, scripts: Path | N
 def dracut_argv(output: Path, version: str, *, confdir: Path, tmpdir: Path, systemd: bool,
                 enable: bool) -> list[str]:
     """The dracut command line of a private, host-independent build."""
-    add = [NETWORK_MODULE, *(["tmpfsboot"] if enable else [])]
+    # network and its backend in both: without tmpfsboot, the initramfs a netroot needs
+    add = ["network", NETWORK_MODULE, *(["tmpfsboot"] if enable else [])]
     argv = [require_program("dracut"), "--conf", "/dev/null", "--confdir", str(confdir),
             "--tmpdir", str(tmpdir), "--no-hostonly", "--no-hostonly-cmdline", "--force",
             "--compress", COMPRESS, "--add", " ".join(add), "--add-drivers", " ".join(DRIVERS)]

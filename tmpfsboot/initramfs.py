@@ -406,6 +406,8 @@ def cmd_build(args: argparse.Namespace) -> int:
         from .dracut import cmd_build_dracut
 
         return cmd_build_dracut(args)
+    if args.systemd:
+        raise UsageError("--systemd: a dracut flavour; add --generator dracut")
     build_initramfs(
         Path(args.output),
         kernel=args.kernel,

@@ -11,7 +11,9 @@ Started as ``python3.11 -I -S -m tmpfsboot.boot.main STEP ROOTMNT`` by the boot 
   hostname and hosts into the new root where the image brought none.
 
 On failure a step prints one line, leaves it in /run/tmpfsboot/error for the boot script
-to hand to initramfs-tools' ``panic``, and exits 1. Standard library only.
+to hand to initramfs-tools' ``panic``, and exits 1 (3 when x was pressed for a shell). The
+dracut glue runs the same steps (TMPFSBOOT_NETCONF=dracut: network facts from dracut's
+files, ``dracutnet``). Standard library only.
 """
 
 from __future__ import annotations
@@ -296,7 +298,10 @@ def describe_start(env: dict[str, str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None, *, node: Node = Node()) -> int:
-    """Run one boot step. On failure: its one-line message in /run/tmpfsboot/error, return 1."""
+    """Run one boot step. On failure: its one-line message in /run/tmpfsboot/error, return 1.
+
+    SHELL_EXIT instead of 1 when x was pressed: the glue opens a shell.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ)
     quiet = "quiet" in (read_text(node.cmdline) or "").split()
