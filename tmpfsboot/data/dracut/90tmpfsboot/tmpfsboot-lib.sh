@@ -12,10 +12,12 @@ tmpfs_is_boot() {
 
 # Run the programs of one hook directory (tmpfs-top, tmpfs-premount, tmpfs-bottom) in
 # order, as initramfs-tools' run_scripts does; rootmnt is where the root is mounted now.
+# Their output goes to stderr: systemd sends a service's stdout to the journal only, its
+# stderr to the console too (dracut's units), where initramfs-tools shows hook output.
 tmpfs_run_scripts() {
     for tmpfs_script in /usr/lib/tmpfsboot/scripts/"$1"/*; do
         [ -x "${tmpfs_script}" ] || continue
-        rootmnt="${2:-}" "${tmpfs_script}" || warn "tmpfsboot: ${tmpfs_script} failed"
+        rootmnt="${2:-}" "${tmpfs_script}" >&2 || warn "tmpfsboot: ${tmpfs_script} failed"
     done
     unset tmpfs_script
 }
