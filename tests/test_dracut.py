@@ -10,13 +10,14 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import faultserver
 import pytest
 from helpers_image import throwaway_gpg_key
 from test_vm import HOSTNAME, TIMEOUT, Images
 
 from tmpfsboot.boot.dracutnet import parse_dhcpopts
 from tmpfsboot.boot.errors import UsageError
-from tmpfsboot.boot.main import Node, read_net_conf
+from tmpfsboot.boot.main import SHELL_EXIT, Node, main, read_net_conf
 from tmpfsboot.boot.netconf import NetConf
 from tmpfsboot.dracut import (
     DRACUT_BASEDIR,
@@ -83,6 +84,34 @@ def test_glue_chooses_dracut_facts_over_initramfs_tools_files(tmp_path: Path) ->
     assert read_net_conf(node, "eth0").hostname == "itools"
     # a static ip= leaves no dhcpopts: no facts, not initramfs-tools' guessed instead
     assert read_net_conf(node, "eth1", source="dracut") == NetConf(device="eth1")
+
+
+@pytest.mark.integration
+def test_x_while_waiting_exits_for_the_glue_shell_after_dracut_facts_named_the_layer(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for d in ("etc", "run", "tmp", "sys", "root"):
+        (tmp_path / d).mkdir()
+    (tmp_path / "tmp" / "dhclient.eth0.dhcpopts").write_text(QEMU_DHCPOPTS)
+    node = Node(etc=str(tmp_path / "etc"), run=str(tmp_path / "run"), tmp=str(tmp_path / "tmp"),
+                sys=str(tmp_path / "sys"), cmdline=str(tmp_path / "cmdline"),
+                set_hostname=False)
+    monkeypatch.setenv("TMPFSBOOT_NETCONF", "dracut")
+    monkeypatch.setenv("DEVICE", "eth0")
+    master, slave = os.openpty()
+    os.write(master, b"x")
+    monkeypatch.setattr(sys, "stdin", os.fdopen(slave, "rb", buffering=0))
+    try:
+        with faultserver.serve({"/host-node7.tar.zst": b"never served"}) as server:
+            server.script("/SHA256SUMS", faultserver.error(503, retry_after="2"))
+            Path(node.cmdline).write_text(f"root={server.url}host-%hostname.tar.zst\n")
+            assert main(["fetch", str(tmp_path / "root")], node=node) == SHELL_EXIT
+        # %hostname came from dracut's dhcpopts; the 503 made the engine wait, x ended it
+        assert [h.status for h in server.requests_for("/SHA256SUMS")] == [503]
+        error = (tmp_path / "run" / "tmpfsboot" / "error").read_text()
+        assert "Spawning shell" in error
+    finally:
+        os.close(master)
+        sys.stdin.close()
 
 
 SHELL = sorted(p.name for p in module_source().glob("*.sh"))
