@@ -15,7 +15,7 @@ import pytest
 from helpers_image import throwaway_gpg_key
 from test_vm import HOSTNAME, TIMEOUT, Images
 
-from tmpfsboot.boot.dracutnet import parse_dhcpopts
+from tmpfsboot.boot.dracutnet import parse_dhcpopts, parse_override
 from tmpfsboot.boot.errors import UsageError
 from tmpfsboot.boot.main import SHELL_EXIT, Node, main, read_net_conf
 from tmpfsboot.boot.netconf import NetConf
@@ -82,8 +82,34 @@ def test_glue_chooses_dracut_facts_over_initramfs_tools_files(tmp_path: Path) ->
     node = Node(run=str(tmp_path / "run"), tmp=str(tmp_path / "tmp"))
     assert read_net_conf(node, "eth0", source="dracut").hostname == "node7"
     assert read_net_conf(node, "eth0").hostname == "itools"
-    # a static ip= leaves no dhcpopts: no facts, not initramfs-tools' guessed instead
-    assert read_net_conf(node, "eth1", source="dracut") == NetConf(device="eth1")
+    # a static ip=: the fields ifup kept; nothing at all: no facts, not initramfs-tools'
+    (tmp_path / "tmp" / "net.eth1.override").write_text(STATIC_OVERRIDE)
+    assert read_net_conf(node, "eth1", source="dracut").address == "192.0.2.9"
+    assert read_net_conf(node, "eth2", source="dracut") == NetConf(device="eth2")
+
+
+# What ifup kept of ip=192.0.2.9::192.0.2.1:255.255.255.0:n9.lab.example:eth1:none:::192.0.2.53
+STATIC_OVERRIDE = """ip="192.0.2.9"
+gw="192.0.2.1"
+mask="255.255.255.0"
+hostname="n9.lab.example"
+dns1="192.0.2.53"
+"""
+
+OVERRIDE_CASES = [
+    (STATIC_OVERRIDE, NetConf(device="eth1", address="192.0.2.9", hostname="n9.lab.example",
+                              domain="lab.example", nameservers=("192.0.2.53",),
+                              gateway="192.0.2.1")),
+    ('ip="192.0.2.9"\nhostname="n9"\ngarbage\nmtu="broken\n',
+     NetConf(device="eth1", address="192.0.2.9", hostname="n9")),
+    ("", NetConf(device="eth1")),
+]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("text", "expected"), OVERRIDE_CASES)
+def test_parse_override_of_static_ip(text: str, expected: NetConf) -> None:
+    assert parse_override(text, device="eth1") == expected
 
 
 @pytest.mark.integration

@@ -1,8 +1,8 @@
 """Network facts from dracut's network-legacy: /tmp/dhclient.IFACE.dhcpopts and friends.
 
 dracut's dhclient-script saves every ``new_*`` variable dhclient handed it (the output of
-the shell's ``set``) in /tmp/dhclient.IFACE.dhcpopts; a static ``ip=`` leaves no such
-file, only the address on the interface. The dracut glue chooses this reader (it sets
+the shell's ``set``) in /tmp/dhclient.IFACE.dhcpopts; for a static ``ip=`` its ifup
+leaves the fields in /tmp/net.IFACE.override. The dracut glue chooses this reader (it sets
 TMPFSBOOT_NETCONF=dracut); initramfs-tools' /run/net-*.conf stays with ``netconf``.
 Pure parsing here; reading the files is ``main.py``'s business. Standard library only.
 """
@@ -20,6 +20,37 @@ SOURCE = "dracut"
 def dhcpopts_path(tmp: str, device: str) -> str:
     """Where dracut's dhclient-script left DEVICE's DHCP options."""
     return f"{tmp}/dhclient.{device}.dhcpopts"
+
+
+def override_path(tmp: str, device: str) -> str:
+    """Where dracut's ifup left the fields of DEVICE's ip= (a static configuration)."""
+    return f"{tmp}/net.{device}.override"
+
+
+def parse_override(text: str, *, device: str | None = None) -> NetConf:
+    """Parse ifup's ``KEY="VALUE"`` lines of a static ``ip=``: ip, gw, hostname, dns1, dns2.
+
+    A hostname with a dot gives the domain too. Other lines are ignored.
+    """
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, rest = line.partition("=")
+        try:
+            words = shlex.split(rest)
+        except ValueError:
+            continue
+        if sep and key.isalnum() and words:
+            values[key] = words[0]
+    hostname = values.get("hostname")
+    domain = hostname.split(".", 1)[1] if hostname and "." in hostname else None
+    return NetConf(
+        device=device,
+        address=values.get("ip"),
+        hostname=hostname,
+        domain=domain,
+        nameservers=tuple(v for v in (values.get("dns1"), values.get("dns2")) if v),
+        gateway=values.get("gw"),
+    )
 
 
 def parse_dhcpopts(text: str, *, device: str | None = None) -> NetConf:

@@ -120,8 +120,7 @@ def read_net_conf(node: Node, device: str | None = None, *, source: str | None =
     SOURCE "dracut" (TMPFSBOOT_NETCONF, set by the dracut glue) reads dracut's facts instead.
     """
     if source == dracutnet.SOURCE:
-        text = read_text(dracutnet.dhcpopts_path(node.tmp, device)) if device else None
-        return dracutnet.parse_dhcpopts(text or "", device=device)
+        return read_dracut_net(node, device)
     paths = sorted(glob.glob(f"{node.run}/net-*.conf"))
     preferred = f"{node.run}/net-{device}.conf" if device else None
     if preferred in paths:
@@ -131,6 +130,17 @@ def read_net_conf(node: Node, device: str | None = None, *, source: str | None =
         if text is not None:
             return parse_net_conf(text)
     return NetConf()
+
+
+def read_dracut_net(node: Node, device: str | None) -> NetConf:
+    """dracut's facts about DEVICE: DHCP's options, else its static ip=; empty if none."""
+    if not device:
+        return NetConf()
+    dhcp = read_text(dracutnet.dhcpopts_path(node.tmp, device))
+    if dhcp is not None:
+        return dracutnet.parse_dhcpopts(dhcp, device=device)
+    static = read_text(dracutnet.override_path(node.tmp, device)) or ""
+    return dracutnet.parse_override(static, device=device)
 
 
 def write_file(path: str, text: str, *, replace: bool = True) -> bool:
