@@ -118,13 +118,13 @@ def main() -> int:
         SECTION,
         "",
         f"How reproduced: `bench/dracut.py --rounds {args.rounds}` (kernel {version}, dracut "
-        f"059, `--compress '{COMPRESS}'`,",
-        "`--no-hostonly`, network-legacy; the initramfs-tools build is `MODULES=list`). Boots "
-        "interleaved",
-        "round by round, the demo's two layers (base + `host-%hostname`), QEMU start to the "
-        "image's",
-        "init printing the nonce, `-accel tcg -smp 1 -m 1G`, on 2 cores shared with other "
-        "work.",
+        "059,",
+        f"`--compress '{COMPRESS}'`, `--no-hostonly`, network-legacy; the initramfs-tools "
+        "build is",
+        "`MODULES=list`). Boots interleaved round by round, the demo's two layers (base +",
+        "`host-%hostname`), QEMU start to the image's init printing the nonce, `-accel tcg "
+        "-smp 1",
+        "-m 1G`, on 2 cores shared with other work.",
         "",
         "### Initramfs size and build time",
         "",
