@@ -14,7 +14,8 @@ DEB_PACKAGES := \
 	nginx-light debootstrap shellcheck iproute2 libcap2-bin \
 	debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel \
 	dpkg-dev lintian man-db \
-	squashfs-tools erofs-utils dracut-core dracut-network dracut-live
+	squashfs-tools erofs-utils dracut-core dracut-network dracut-live \
+	isc-dhcp-client iputils-arping
 
 .PHONY: all deps test demo lint bench bench-layers fleet reliability man deb clean
 

@@ -13,7 +13,9 @@ Started as ``python3.11 -I -S -m tmpfsboot.boot.main STEP ROOTMNT`` by the boot 
   takes its place on ROOTMNT (``imagelayer``).
 
 On failure a step prints one line, leaves it in /run/tmpfsboot/error for the boot script
-to hand to initramfs-tools' ``panic``, and exits 1. Standard library only.
+to hand to initramfs-tools' ``panic``, and exits 1 (3 when x was pressed for a shell). The
+dracut glue runs the same steps (TMPFSBOOT_NETCONF=dracut: network facts from dracut's
+files, ``dracutnet``). Standard library only.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from . import dracutnet
 from .cmdline import (
     BootPlan,
     Layer,
@@ -56,6 +59,8 @@ log = logging.getLogger("tmpfsboot")
 LAYERS_DIR = "tmpfsboot/layers"
 # Directories /init needs in the new root to move /dev, /proc, /sys and /run into.
 MOUNT_POINTS = ("dev", "proc", "sys", "run")
+# The exit status after x was pressed: the dracut glue opens its emergency shell.
+SHELL_EXIT = 3
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class Node:
     run: str = "/run"
     sys: str = "/sys"
     cmdline: str = "/proc/cmdline"
+    tmp: str = "/tmp"  # dracut's network facts
     set_hostname: bool = True  # the kernel's hostname, from DHCP
 
 
@@ -116,8 +122,13 @@ def wait_or_shell(seconds: float, *, fd: int | None = None) -> None:
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
-def read_net_conf(node: Node, device: str | None = None) -> NetConf:
-    """The /run/net-DEVICE.conf of the boot interface (else the first one); empty if none."""
+def read_net_conf(node: Node, device: str | None = None, *, source: str | None = None) -> NetConf:
+    """The /run/net-DEVICE.conf of the boot interface (else the first one); empty if none.
+
+    SOURCE "dracut" (TMPFSBOOT_NETCONF, set by the dracut glue) reads dracut's facts instead.
+    """
+    if source == dracutnet.SOURCE:
+        return read_dracut_net(node, device)
     paths = sorted(glob.glob(f"{node.run}/net-*.conf"))
     preferred = f"{node.run}/net-{device}.conf" if device else None
     if preferred in paths:
@@ -127,6 +138,17 @@ def read_net_conf(node: Node, device: str | None = None) -> NetConf:
         if text is not None:
             return parse_net_conf(text)
     return NetConf()
+
+
+def read_dracut_net(node: Node, device: str | None) -> NetConf:
+    """dracut's facts about DEVICE: DHCP's options, else its static ip=; empty if none."""
+    if not device:
+        return NetConf()
+    dhcp = read_text(dracutnet.dhcpopts_path(node.tmp, device))
+    if dhcp is not None:
+        return dracutnet.parse_dhcpopts(dhcp, device=device)
+    static = read_text(dracutnet.override_path(node.tmp, device)) or ""
+    return dracutnet.parse_override(static, device=device)
 
 
 def write_file(path: str, text: str, *, replace: bool = True) -> bool:
@@ -227,7 +249,7 @@ def gather_facts(plan: BootPlan, conf: NetConf, node: Node, env: dict[str, str])
 def step_mount(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) -> None:
     """Write the initramfs' network files, then mount the empty tmpfs root on ROOTMNT."""
     plan = read_plan(node)
-    conf = read_net_conf(node, env.get("DEVICE"))
+    conf = read_net_conf(node, env.get("DEVICE"), source=env.get("TMPFSBOOT_NETCONF"))
     written = write_identity(node.etc, conf, replace=True)
     if written:
         log.info("Network: %s, wrote /etc/%s", conf.address or "no address",
@@ -258,7 +280,7 @@ def node_layers(plan: BootPlan, facts: NetFacts, configured: str | None) -> tupl
 def step_fetch(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) -> None:
     """Fetch, verify and extract every layer into ROOTMNT, then complete the new root's /etc."""
     plan = read_plan(node)
-    conf = read_net_conf(node, env.get("DEVICE"))
+    conf = read_net_conf(node, env.get("DEVICE"), source=env.get("TMPFSBOOT_NETCONF"))
     facts = gather_facts(plan, conf, node, env)
     layers = node_layers(plan, facts, env.get("TMPFS_MIRRORS"))
     path = os.path.join(node.etc, KEYRING_NAME)
@@ -311,7 +333,10 @@ def describe_start(env: dict[str, str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None, *, node: Node = Node()) -> int:
-    """Run one boot step. On failure: its one-line message in /run/tmpfsboot/error, return 1."""
+    """Run one boot step. On failure: its one-line message in /run/tmpfsboot/error, return 1.
+
+    SHELL_EXIT instead of 1 when x was pressed: the glue opens a shell.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ)
     quiet = "quiet" in (read_text(node.cmdline) or "").split()
@@ -336,7 +361,7 @@ def main(argv: Sequence[str] | None = None, *, node: Node = Node()) -> int:
         events.write("error", step=step, message=str(e))
         write_file(os.path.join(state, "error"), message + "\n")
         print(message, file=sys.stderr)
-        return 1
+        return SHELL_EXIT if isinstance(e, ShellRequested) else 1
     finally:
         events.close()
 

@@ -52,6 +52,9 @@ poweroff -f
 """
 
 
+OS_RELEASE = 'NAME="tmpfsboot demo"\nID=tmpfsboot-demo\nPRETTY_NAME="tmpfsboot demo root"\n'
+
+
 def write_file(path: Path, text: str, *, mode: int = 0o644) -> None:
     """Write TEXT to PATH (parents created) with MODE."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +76,8 @@ def build_demo_root(dest: Path, *, nonce: str) -> Path:
     write_file(dest / "sbin" / "init", INIT_SCRIPT, mode=0o755)
     write_file(dest / "etc" / "tmpfsboot-demo" / "nonce", nonce + "\n")
     write_file(dest / "etc" / "tmpfsboot-demo" / "layers", "base\n")
+    # systemd's switch-root (dracut's systemd flavour) refuses a root without os-release
+    write_file(dest / "etc" / "os-release", OS_RELEASE)
     return dest
 
 

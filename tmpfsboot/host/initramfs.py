@@ -50,6 +50,7 @@ HOOK_DIRS = ("tmpfs-top", "tmpfs-premount", "tmpfs-bottom")
 STAGED_FILES = {"scripts/tmpfs": "scripts/tmpfs",
                 "conf/conf.d/zz-tmpfsboot": "conf.d/tmpfsboot"}
 MODULES_CHOICES = ("most", "netboot", "dep", "list")
+GENERATORS = ("initramfs-tools", "dracut")
 # With MODULES=list the NIC drivers of a QEMU guest must be named (most/netboot have them).
 LIST_MODULES = ("virtio_pci", "virtio_net", "af_packet")
 # What no import statement in the engine shows: runpy (for `python -m`) and the codecs,
@@ -410,7 +411,11 @@ def build_initramfs(
 
 
 def cmd_install(args: argparse.Namespace) -> int:
-    """`tmpfsboot initramfs install [--confdir DIR] [--remove]`."""
+    """`tmpfsboot initramfs install [--generator G] [--confdir DIR] [--remove]`."""
+    if args.generator == "dracut":
+        from .dracut import cmd_install_dracut
+
+        return cmd_install_dracut(args)
     confdir = Path(args.confdir)
     if not args.remove and confdir == DEFAULT_CONFDIR and PACKAGED_HOOK.exists():
         raise UsageError(f"{PACKAGED_HOOK}: the tmpfsboot package's hook is installed; set "
@@ -428,7 +433,13 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    """`tmpfsboot initramfs build -o FILE ...`."""
+    """`tmpfsboot initramfs build [--generator G] -o FILE ...`."""
+    if args.generator == "dracut":
+        from .dracut import cmd_build_dracut
+
+        return cmd_build_dracut(args)
+    if args.systemd:
+        raise UsageError("--systemd: a dracut flavour; add --generator dracut")
     build_initramfs(
         Path(args.output),
         kernel=args.kernel,
@@ -454,6 +465,12 @@ def cmd_stage(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_generator_argument(parser: argparse.ArgumentParser) -> None:
+    """--generator: initramfs-tools (the default) or dracut."""
+    parser.add_argument("--generator", choices=GENERATORS, default=GENERATORS[0],
+                        help="initramfs generator (default: %(default)s)")
+
+
 def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add `tmpfsboot initramfs install|build|stage`."""
     p = subparsers.add_parser("initramfs", help="install into initramfs-tools, build an initramfs",
@@ -463,8 +480,10 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     q = sub.add_parser("install", help="put the hook, boot script and conf.d snippet into "
                        "initramfs-tools' configuration (idempotent)")
     q.add_argument("--confdir", default=str(DEFAULT_CONFDIR), metavar="DIR",
-                   help=f"configuration directory (default: {DEFAULT_CONFDIR})")
+                   help=f"configuration directory (default: {DEFAULT_CONFDIR}; with "
+                   "--generator dracut: dracut's modules.d)")
     q.add_argument("--remove", action="store_true", help="remove what install put there")
+    add_generator_argument(q)
     q.set_defaults(func=cmd_install)
 
     q = sub.add_parser("build", help="build an initramfs with mkinitramfs -d on a private copy "
@@ -482,6 +501,9 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     q.add_argument("--scripts", metavar="DIR", help="extra boot scripts, e.g. DIR/tmpfs-top/NAME")
     q.add_argument("--confdir", default=str(DEFAULT_CONFDIR), metavar="DIR",
                    help=f"configuration to copy (default: {DEFAULT_CONFDIR})")
+    q.add_argument("--systemd", action=argparse.BooleanOptionalAction, default=False,
+                   help="with --generator dracut: dracut's systemd flavour (default: without)")
+    add_generator_argument(q)
     q.set_defaults(func=cmd_build)
 
     q = sub.add_parser("stage", help=argparse.SUPPRESS)
