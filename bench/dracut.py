@@ -23,12 +23,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tmpfsboot.demo import build_demo_root, build_layer  # noqa: E402
-from tmpfsboot.dracut import COMPRESS, build_dracut  # noqa: E402
-from tmpfsboot.image import build_image  # noqa: E402
-from tmpfsboot.initramfs import build_initramfs, default_kernel, kernel_image  # noqa: E402
-from tmpfsboot.serve import start_server  # noqa: E402
-from tmpfsboot.vm import boot_vm, guest_url  # noqa: E402
+from tmpfsboot.host.demo import build_demo_root, build_layer  # noqa: E402
+from tmpfsboot.host.dracut import COMPRESS, build_dracut  # noqa: E402
+from tmpfsboot.host.image import build_image  # noqa: E402
+from tmpfsboot.host.initramfs import build_initramfs, default_kernel, kernel_image  # noqa: E402
+from tmpfsboot.host.serve import start_server  # noqa: E402
+from tmpfsboot.host.vm import boot_vm, guest_url  # noqa: E402
 
 HOSTNAME = "node7"
 SECTION = "## dracut"

@@ -19,7 +19,7 @@ from tmpfsboot.boot.dracutnet import parse_dhcpopts, parse_override
 from tmpfsboot.boot.errors import UsageError
 from tmpfsboot.boot.main import SHELL_EXIT, Node, main, read_net_conf
 from tmpfsboot.boot.netconf import NetConf
-from tmpfsboot.dracut import (
+from tmpfsboot.host.dracut import (
     DRACUT_BASEDIR,
     MODULE_NAME,
     build_dracut,
@@ -29,9 +29,9 @@ from tmpfsboot.dracut import (
     remove_module,
     render_conf,
 )
-from tmpfsboot.image import build_image
-from tmpfsboot.serve import start_server
-from tmpfsboot.vm import BootResult, boot_vm
+from tmpfsboot.host.image import build_image
+from tmpfsboot.host.serve import start_server
+from tmpfsboot.host.vm import BootResult, boot_vm
 
 # What dracut's dhclient-script saved in a QEMU guest (user-mode DHCP, hostname=node7):
 # the shell's `set` output, new_* lines only.

@@ -455,13 +455,13 @@ def test_serve_verb_refuses_bad_options(tmp_path: Path, argv: list[str]) -> None
 @pytest.mark.parametrize(("text", "rate"), [("0", 0), ("65536", 65536), ("64k", 65536),
                                             ("1M", 1 << 20), ("2g", 2 << 30)])
 def test_parse_rate(text: str, rate: int) -> None:
-    from tmpfsboot.host.serve import parse_rate
+    from tmpfsboot.cli.serve import parse_rate
     assert parse_rate(text) == rate
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("text", ["", "k", "1.5k", "-1", "\u0661k", "64kb"])
 def test_parse_rate_refuses(text: str) -> None:
-    from tmpfsboot.host.serve import parse_rate
+    from tmpfsboot.cli.serve import parse_rate
     with pytest.raises(ValueError):
         parse_rate(text)

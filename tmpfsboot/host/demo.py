@@ -8,12 +8,9 @@ ends it by saying where it runs.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import secrets
 import shutil
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,30 +122,3 @@ def run_demo(
     if f"NONCE: {nonce}" not in result.console:
         raise TmpfsbootError("the demo root did not come up: see the console above")
     return result
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """`tmpfsboot demo`."""
-    start = time.monotonic()
-    if args.workdir:
-        workdir = Path(args.workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        run_demo(workdir, hostname=args.hostname, kernel=args.kernel, timeout=args.timeout)
-    else:
-        with tempfile.TemporaryDirectory(prefix="tmpfsboot-demo.") as tmp:
-            run_demo(Path(tmp), hostname=args.hostname, kernel=args.kernel,
-                     timeout=args.timeout)
-    print(f"tmpfsboot demo: done in {time.monotonic() - start:.1f} s")
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `tmpfsboot demo`."""
-    p = subparsers.add_parser("demo", help="build, serve and boot a disk-less node in QEMU",
-                              description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--hostname", default="node1", help="the node's DHCP hostname (node1)")
-    p.add_argument("--kernel", metavar="VERSION", help="default: the newest in /boot")
-    p.add_argument("--workdir", metavar="DIR", help="keep images and initramfs in DIR")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
-                   help="give up on the VM after S seconds (300)")
-    p.set_defaults(func=cmd_demo)

@@ -11,7 +11,6 @@ stages the same engine, interpreter and stdlib subset as the initramfs-tools hoo
 
 from __future__ import annotations
 
-import argparse
 import logging
 import shlex
 import sys
@@ -19,11 +18,11 @@ import tempfile
 from importlib import resources
 from pathlib import Path
 
-from .boot.cmdline import parse_rootsize
-from .boot.errors import TmpfsbootError, UsageError
-from .boot.log import format_bytes, phase
-from .boot.run import require_program, run
-from .initramfs import DEFAULT_CONFDIR, default_kernel
+from ..boot.cmdline import parse_rootsize
+from ..boot.errors import TmpfsbootError, UsageError
+from ..boot.log import format_bytes, phase
+from ..boot.run import require_program, run
+from .initramfs import default_kernel
 
 log = logging.getLogger("tmpfsboot")
 
@@ -172,40 +171,3 @@ def build_dracut(
             run(argv, env={"dracutbasedir": str(basedir), "TMPDIR": tmp}, capture=True)
     log.info("Initramfs: %s (%s)", output, format_bytes(output.stat().st_size))
     return output
-
-
-
-# ----- command line (the parser is initramfs.py's, with --generator dracut) -----
-
-
-def cmd_install_dracut(args: argparse.Namespace) -> int:
-    """`tmpfsboot initramfs install --generator dracut [--confdir MODULES_D] [--remove]`."""
-    modules_dir = (DRACUT_BASEDIR / "modules.d" if args.confdir == str(DEFAULT_CONFDIR)
-                   else Path(args.confdir))
-    if args.remove:
-        for path in remove_module(modules_dir):
-            print(f"removed {path}")
-        return 0
-    changed = install_module(modules_dir)
-    for path in changed:
-        print(f"installed {path}")
-    if not changed:
-        print(f"tmpfsboot is installed in {modules_dir / MODULE_NAME} already")
-    return 0
-
-
-def cmd_build_dracut(args: argparse.Namespace) -> int:
-    """`tmpfsboot initramfs build --generator dracut -o FILE ...`."""
-    if args.modules != "list" or args.confdir != str(DEFAULT_CONFDIR):
-        raise UsageError("--modules and --confdir are initramfs-tools' options; dracut "
-                         "builds with a private configuration and every network driver")
-    build_dracut(
-        Path(args.output),
-        kernel=args.kernel,
-        rootsize=args.rootsize,
-        keyring=Path(args.keyring) if args.keyring else None,
-        scripts=Path(args.scripts) if args.scripts else None,
-        systemd=args.systemd,
-    )
-    print(args.output)
-    return 0
