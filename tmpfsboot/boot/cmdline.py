@@ -11,6 +11,12 @@ import urllib.parse
 from dataclasses import dataclass, field
 
 from .errors import CmdlineError
+from .identity import (
+    MACHINE_ID_FROM_NODE,
+    HostnameFrom,
+    MachineIdChoice,
+    parse_machine_id_option,
+)
 
 # Substitutions a URL may use; %% is a literal %.
 SUBSTITUTIONS = ("hostname", "fqdn", "mac", "ip", "arch", "uuid")
@@ -77,6 +83,8 @@ class BootPlan:
     backoff: float = DEFAULT_BACKOFF
     quiet: bool = False
     bootif: str | None = None
+    hostname_from: HostnameFrom = HostnameFrom.NODE
+    machine_id: MachineIdChoice = MACHINE_ID_FROM_NODE
     init_args: tuple[str, ...] = field(default=())
 
     @property
@@ -100,6 +108,8 @@ class BootPlan:
             "timeout": self.timeout,
             "backoff": self.backoff,
             "quiet": self.quiet,
+            "hostname": self.hostname_from.value,
+            "machine_id": self.machine_id.text,
         }
 
 
@@ -253,6 +263,8 @@ def parse_cmdline(text: str) -> BootPlan:
     retries = opts.get("tmpfs.retries")
     timeout = opts.get("tmpfs.timeout")
     backoff = opts.get("tmpfs.backoff")
+    hostname_from = opts.get("tmpfs.hostname")
+    machine_id = opts.get("tmpfs.machine_id")
     return BootPlan(
         tmpfs=True,
         layers=parse_root(root),
@@ -264,6 +276,10 @@ def parse_cmdline(text: str) -> BootPlan:
         else DEFAULT_BACKOFF,
         quiet="quiet" in flags,
         bootif=opts.get("BOOTIF"),
+        hostname_from=HostnameFrom.parse(hostname_from) if hostname_from is not None
+        else HostnameFrom.NODE,
+        machine_id=parse_machine_id_option(machine_id) if machine_id is not None
+        else MACHINE_ID_FROM_NODE,
         init_args=tuple(init_args),
     )
 
