@@ -31,10 +31,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from .aptsources import apt_mirror
 from .boot.compression import Compression
 from .boot.errors import CommandError, TmpfsbootError, UsageError
 from .boot.log import Progress, format_bytes, phase
 from .boot.run import require_program, run, spawn, wait_stage
+from .scrub import scrubbed_tree
 
 log = logging.getLogger("tmpfsboot")
 
@@ -146,9 +148,12 @@ class Manifest:
     sha256: str
     unpacked_size: int
     entries: int
+    # what `image build` removed of the build machine (scrub.Scrub.to_json); None: kept
+    identity: dict[str, object] | None = None
 
     def to_json(self) -> dict[str, object]:
         """The manifest as a JSON object (key order as in the file)."""
+        extra = {} if self.identity is None else {"build_identity_removed": self.identity}
         return {
             "name": self.name,
             "file": self.file,
@@ -157,6 +162,7 @@ class Manifest:
             "sha256": self.sha256,
             "unpacked_size": self.unpacked_size,
             "entries": self.entries,
+            **extra,
         }
 
 
@@ -166,6 +172,24 @@ def check_name(name: str) -> str:
         raise UsageError(f"image name {name!r}: use letters, digits and . _ + -, "
                          "starting with a letter or digit")
     return name
+
+
+def check_source(src: Path, outdir: Path) -> Path:
+    """SRC resolved, if it is a directory and OUTDIR is not inside it; UsageError otherwise."""
+    if not src.is_dir():
+        raise UsageError(f"{src}: not a directory")
+    src = src.resolve()
+    if outdir.resolve() == src or outdir.resolve().is_relative_to(src):
+        raise UsageError(f"{outdir}: the output directory is inside the source tree {src}")
+    return src
+
+
+def prepare_output(outdir: Path) -> None:
+    """Create OUTDIR (and its parents) unless it exists, as mkosi does; UsageError if it
+    is something else than a directory."""
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"{outdir}: not a directory")
+    outdir.mkdir(parents=True, exist_ok=True)
 
 
 def round_up_to_pages(n: int) -> int:
@@ -403,7 +427,8 @@ def write_tarball(src: Path, out: IO[bytes], compression: Compressor, *,
 
 def build_image(src: Path, outdir: Path, name: str, *, compression: str = "zstd",
                 sign: str | None = None, gpg_homedir: Path | None = None,
-                level: int | None = None, include_root: bool = True) -> Path:
+                level: int | None = None, include_root: bool = True,
+                identity: dict[str, object] | None = None) -> Path:
     """Build OUTDIR/NAME.tar.<zst|xz|gz> from the tree SRC; returns the image's path.
 
     With INCLUDE_ROOT (a root image) the archive's first member is `./`, SRC itself, whose
@@ -413,16 +438,12 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str = "zstd"
     Also writes OUTDIR/NAME.manifest.json, sets the image's line in OUTDIR/SHA256SUMS
     (other images' lines are kept) and, with SIGN (a gpg key id), re-signs SHA256SUMS as
     OUTDIR/SHA256SUMS.gpg. Nothing appears under a final name before it is complete.
+    IDENTITY, what was scrubbed of the build machine, goes into the manifest.
     """
     check_name(name)
     comp = parse_compression(compression)
-    if not src.is_dir():
-        raise UsageError(f"{src}: not a directory")
-    if not outdir.is_dir():
-        raise UsageError(f"{outdir}: not a directory")
-    src = src.resolve()
-    if outdir.resolve() == src or outdir.resolve().is_relative_to(src):
-        raise UsageError(f"{outdir}: the output directory is inside the source tree {src}")
+    src = check_source(src, outdir)
+    prepare_output(outdir)
     if sign is not None:
         check_signing_key(sign, gpg_homedir)
     file = name + comp.suffix
@@ -448,7 +469,7 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str = "zstd"
         os.chmod(tmp, 0o644)
         manifest = Manifest(name=name, file=file, compression=compression, size=size,
                             sha256=sha256, unpacked_size=figures.unpacked_size,
-                            entries=figures.entries)
+                            entries=figures.entries, identity=identity)
         with lock_directory(outdir):
             os.replace(tmp, image)
             write_atomically(outdir / f"{name}{MANIFEST_SUFFIX}",
@@ -514,23 +535,29 @@ def parse_packages(text: str | None) -> list[str]:
 def build_debootstrap_image(suite: str, outdir: Path, name: str, *, variant: str | None,
                             include: Sequence[str], mirror: str | None, compression: str,
                             sign: str | None, gpg_homedir: Path | None,
-                            level: int | None) -> Path:
-    """Debootstrap SUITE into a scratch directory beside OUTDIR's images, build the image
-    from it, and remove the scratch directory."""
+                            level: int | None, keep_identity: bool = False) -> Path:
+    """Debootstrap SUITE into a scratch directory beside OUTDIR's images, scrub the build
+    machine's identity from it (unless KEEP_IDENTITY), build the image from it, and remove
+    the scratch directory. MIRROR defaults to the one apt on this machine uses."""
     check_name(name)
     parse_compression(compression)
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", suite):
         raise UsageError(f"--debootstrap {suite!r}: not a suite name")
-    if not outdir.is_dir():
-        raise UsageError(f"{outdir}: not a directory")
+    mirror = mirror or apt_mirror(suite)
+    prepare_output(outdir)
     require_program("debootstrap")
     target = Path(tempfile.mkdtemp(dir=outdir, prefix=f".{name}.debootstrap."))
     try:
         with phase(f"Debootstrapping {suite} into {target}"):
             run(compose_debootstrap_argv(suite, target, variant=variant, include=include,
                                  mirror=mirror))
-        return build_image(target, outdir, name, compression=compression, sign=sign,
-                           gpg_homedir=gpg_homedir, level=level)
+        if keep_identity:
+            return build_image(target, outdir, name, compression=compression, sign=sign,
+                               gpg_homedir=gpg_homedir, level=level)
+        with scrubbed_tree(target, in_place=True) as (tree, scrub):
+            return build_image(tree, outdir, name, compression=compression, sign=sign,
+                               gpg_homedir=gpg_homedir, level=level,
+                               identity=scrub.to_json())
     finally:
         remove_tree(target)
 
@@ -543,21 +570,32 @@ def cmd_image_build(args: argparse.Namespace) -> int:
         build_debootstrap_image(args.debootstrap, outdir, args.name, variant=args.variant,
                                 include=parse_packages(args.include), mirror=args.mirror,
                                 compression=args.compression, sign=args.sign,
-                                gpg_homedir=gpg_homedir, level=args.level)
-    else:
-        if getattr(args, "variant", None) or getattr(args, "include", None) or getattr(
-                args, "mirror", None):
-            raise UsageError("--variant, --include and --mirror go with --debootstrap")
-        build_image(Path(args.source), outdir, args.name, compression=args.compression,
-                    sign=args.sign, gpg_homedir=gpg_homedir, level=args.level,
+                                gpg_homedir=gpg_homedir, level=args.level,
+                                keep_identity=args.keep_identity)
+        return 0
+    if getattr(args, "variant", None) or getattr(args, "include", None) or getattr(
+            args, "mirror", None):
+        raise UsageError("--variant, --include and --mirror go with --debootstrap")
+    src = Path(args.source)
+    if args.keep_identity:  # always for `image layer`: a host's layer names its host
+        build_image(src, outdir, args.name, compression=args.compression, sign=args.sign,
+                    gpg_homedir=gpg_homedir, level=args.level,
                     include_root=args.include_root)
+        return 0
+    # The user's tree stays as it is: the image is made from a scrubbed view of it.
+    check_name(args.name)
+    parse_compression(args.compression)
+    check_source(src, outdir)
+    with scrubbed_tree(src, in_place=False) as (tree, scrub):
+        build_image(tree, outdir, args.name, compression=args.compression, sign=args.sign,
+                    gpg_homedir=gpg_homedir, level=args.level, identity=scrub.to_json())
     return 0
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, metavar="OUTDIR",
-                   help="directory of images: gets NAME.tar.*, NAME.manifest.json, "
-                   "SHA256SUMS (and SHA256SUMS.gpg with --sign)")
+                   help="directory of images (created if missing): gets NAME.tar.*, "
+                   "NAME.manifest.json, SHA256SUMS (and SHA256SUMS.gpg with --sign)")
     p.add_argument("--name", required=True, help="image name (file name without .tar.*)")
     p.add_argument("--compression", choices=list(COMPRESSORS), default="zstd",
                    help="default: zstd")
@@ -581,7 +619,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     src.add_argument("--debootstrap", metavar="SUITE", help="debootstrap this suite")
     p.add_argument("--variant", help="debootstrap --variant (e.g. minbase)")
     p.add_argument("--include", metavar="PKGS", help="debootstrap --include (comma-separated)")
-    p.add_argument("--mirror", metavar="URL", help="debootstrap mirror")
+    p.add_argument("--mirror", metavar="URL",
+                   help="debootstrap mirror (default: the one apt on this machine uses)")
+    p.add_argument("--keep-identity", action="store_true",
+                   help="archive the tree as it is: keep the build machine's machine-id, "
+                   "hostname, resolv.conf, SSH host keys, random seed and apt's lists and "
+                   "caches (by default they are left out; the source tree is never changed)")
     _add_output_options(p)
     p.set_defaults(include_root=True)
 
@@ -590,4 +633,4 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                          "same outputs as `image build`.")
     p.add_argument("--from", dest="source", metavar="DIR", required=True, help="the tree")
     _add_output_options(p)
-    p.set_defaults(include_root=False)
+    p.set_defaults(include_root=False, keep_identity=True)
