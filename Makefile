@@ -13,7 +13,7 @@ DEB_PACKAGES := \
 	initramfs-tools busybox-static kmod cpio linux-image-amd64 qemu-system-x86 \
 	nginx-light debootstrap shellcheck iproute2 libcap2-bin
 
-.PHONY: all deps test demo lint bench reliability clean
+.PHONY: all deps test demo demo-debian lint bench reliability clean
 
 all: test
 
@@ -39,6 +39,10 @@ test: deps
 
 demo: deps
 	$(BIN)/tmpfsboot demo
+
+# A real Debian 12 with systemd: debootstraps once (about 40 s), then cached.
+demo-debian: deps
+	$(BIN)/tmpfsboot demo --debian
 
 bench: deps
 	$(BIN)/python bench/fetch.py

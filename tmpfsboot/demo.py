@@ -24,6 +24,9 @@ from .vm import BootResult, boot_vm, guest_url
 
 log = logging.getLogger("tmpfsboot")
 
+# The Debian demo node's SMBIOS UUID: its machine-id is derived from it.
+DEMO_UUID = "7a3f0c1e-0001-4000-8000-000000000001"
+
 # Applets the demo root links to /bin/busybox.
 APPLETS = ("sh", "cat", "echo", "hostname", "poweroff", "mount", "grep", "sed", "sleep",
            "ls", "head", "wc", "df", "uname", "cut", "tr")
@@ -123,9 +126,16 @@ def run_demo(
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """`tmpfsboot demo`."""
+    """`tmpfsboot demo` (and `--debian`)."""
     start = time.monotonic()
-    if args.workdir:
+    if args.debian:
+        from .demo_debian import run_debian_demo
+
+        with tempfile.TemporaryDirectory(prefix="tmpfsboot-demo.",
+                                         dir=args.workdir) as tmp:
+            run_debian_demo(Path(tmp), hostname=args.hostname, uuid=args.uuid,
+                            kernel=args.kernel, timeout=max(args.timeout, 600.0))
+    elif args.workdir:
         workdir = Path(args.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         run_demo(workdir, hostname=args.hostname, kernel=args.kernel, timeout=args.timeout)
@@ -141,7 +151,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     """Add `tmpfsboot demo`."""
     p = subparsers.add_parser("demo", help="build, serve and boot a disk-less node in QEMU",
                               description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--debian", action="store_true",
+                   help="boot a real Debian 12 with systemd (debootstrapped once, cached "
+                   "under ~/.cache/tmpfsboot) instead of the busybox root")
     p.add_argument("--hostname", default="node1", help="the node's DHCP hostname (node1)")
+    p.add_argument("--uuid", default=DEMO_UUID,
+                   help=f"the node's SMBIOS UUID, with --debian ({DEMO_UUID})")
     p.add_argument("--kernel", metavar="VERSION", help="default: the newest in /boot")
     p.add_argument("--workdir", metavar="DIR", help="keep images and initramfs in DIR")
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
