@@ -47,6 +47,7 @@ demo-debian: deps
 bench: deps
 	$(BIN)/python bench/fetch.py
 	$(BIN)/python bench/storm.py --write
+	$(BIN)/python bench/debian.py --write
 
 # Rewrite the fault matrix in docs/reliability.md from a run of its tests.
 reliability: deps
