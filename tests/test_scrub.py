@@ -7,6 +7,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import pytest
 from helpers_image import snapshot_tree
 
 from tmpfsboot import cli
+from tmpfsboot.aptsources import apt_mirror
+from tmpfsboot.boot.errors import UsageError
 from tmpfsboot.scrub import find_scrub
 
 MACHINE_ID = "0123456789abcdef0123456789abcdef\n"
@@ -126,3 +129,49 @@ def test_output_that_is_a_file_is_refused_and_nothing_is_left(
                      str(tmp_path / "file"), "--name", "base"]) == 2
     assert "not a directory" in capsys.readouterr().err
     assert "tmpfsboot-scrub" not in Path("/proc/self/mountinfo").read_text()
+
+
+FAKE_DEBOOTSTRAP = """#!{python}
+# Stands in for debootstrap (the real one runs in test_debian_vm.py, once per machine):
+# records its arguments and leaves what debootstrap leaves of the build machine.
+import json, os, sys
+args = sys.argv[1:]
+target = [a for a in args if not a.startswith("--")][1]
+with open({record!r}, "w") as f:
+    json.dump(args, f)
+for rel, text in {files!r}.items():
+    os.makedirs(os.path.dirname(os.path.join(target, rel)), exist_ok=True)
+    with open(os.path.join(target, rel), "w") as f:
+        f.write(text)
+"""
+
+
+@pytest.mark.integration
+def test_debootstrap_uses_apts_mirror_and_its_root_is_scrubbed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    try:
+        mirror = apt_mirror("bookworm")
+    except UsageError:
+        pytest.skip("this machine's apt names no mirror for bookworm")
+    files = {"etc/hostname": "buildhost\n", "etc/resolv.conf": "nameserver 192.0.2.1\n",
+             "etc/machine-id": MACHINE_ID, "etc/os-release": "ID=debian\n",
+             APT[0]: "Release\n", APT[3]: "!<arch>\n"}
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    record = tmp_path / "argv.json"
+    (fakebin / "debootstrap").write_text(FAKE_DEBOOTSTRAP.format(
+        python=sys.executable, record=str(record), files=files))
+    (fakebin / "debootstrap").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fakebin}:{os.environ['PATH']}")
+    out = tmp_path / "out"
+    assert cli.main(["image", "build", "--debootstrap", "bookworm", "--variant", "minbase",
+                     "--output", str(out), "--name", "deb"]) == 0
+    argv = json.loads(record.read_text())
+    assert argv[-1] == mirror  # no --mirror: the one apt on this machine uses
+    got = members(out / "deb.tar.zst")
+    assert got["etc/machine-id"].size == 0
+    assert "etc/os-release" in got
+    for rel in ("etc/hostname", "etc/resolv.conf", APT[0], APT[3]):
+        assert rel not in got, rel
+    removed = json.loads((out / "deb.manifest.json").read_text())["build_identity_removed"]
+    assert removed["removed"] == ["/etc/hostname", "/etc/resolv.conf"]
