@@ -17,7 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .boot.errors import TmpfsbootError
+from .boot.errors import TmpfsbootError, UsageError
+from .boot.identity import normalize_id128
 from .boot.run import require_program
 from .initramfs import build_initramfs, default_kernel, kernel_image
 from .vm import BootResult, boot_vm, guest_url
@@ -128,21 +129,27 @@ def run_demo(
 def cmd_demo(args: argparse.Namespace) -> int:
     """`tmpfsboot demo` (and `--debian`)."""
     start = time.monotonic()
-    if args.debian:
-        from .demo_debian import run_debian_demo
+    if normalize_id128(args.uuid) is None:
+        raise UsageError(f"--uuid {args.uuid}: not a UUID (e.g. {DEMO_UUID})")
 
-        with tempfile.TemporaryDirectory(prefix="tmpfsboot-demo.",
-                                         dir=args.workdir) as tmp:
-            run_debian_demo(Path(tmp), hostname=args.hostname, uuid=args.uuid,
-                            kernel=args.kernel, timeout=max(args.timeout, 600.0))
-    elif args.workdir:
+    def run(workdir: Path) -> None:
+        if args.debian:
+            from .demo_debian import run_debian_demo
+
+            # a real root under TCG takes minutes, more on a loaded machine
+            run_debian_demo(workdir, hostname=args.hostname, uuid=args.uuid,
+                            kernel=args.kernel, timeout=max(args.timeout, 900.0))
+        else:
+            run_demo(workdir, hostname=args.hostname, kernel=args.kernel,
+                     timeout=args.timeout)
+
+    if args.workdir:
         workdir = Path(args.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
-        run_demo(workdir, hostname=args.hostname, kernel=args.kernel, timeout=args.timeout)
+        run(workdir)
     else:
         with tempfile.TemporaryDirectory(prefix="tmpfsboot-demo.") as tmp:
-            run_demo(Path(tmp), hostname=args.hostname, kernel=args.kernel,
-                     timeout=args.timeout)
+            run(Path(tmp))
     print(f"tmpfsboot demo: done in {time.monotonic() - start:.1f} s")
     return 0
 
