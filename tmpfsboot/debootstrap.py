@@ -83,12 +83,13 @@ def archive_tree(tree: Path, out: Path) -> None:
             tmp.unlink()
 
 
-def cached_root(spec: DebootstrapSpec = DebootstrapSpec(), *, mirror: str | None = None,
+def cached_root(spec: DebootstrapSpec | None = None, *, mirror: str | None = None,
                 cache: Path | None = None) -> Path:
     """The cached tarball of SPEC's tree, debootstrapping it first if it is not there.
 
-    MIRROR defaults to the one apt on this machine uses for the suite.
+    SPEC defaults to DebootstrapSpec(); MIRROR to the one apt on this machine uses.
     """
+    spec = spec or DebootstrapSpec()
     cache = cache_dir() if cache is None else cache
     cache.mkdir(parents=True, exist_ok=True)
     tarball = cache / spec.cache_name(dpkg_arch())
