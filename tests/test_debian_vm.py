@@ -14,7 +14,13 @@ import pytest
 
 from tmpfsboot.boot.identity import machine_id_from_uuid
 from tmpfsboot.debootstrap import cached_root
-from tmpfsboot.demo_debian import DebianBoot, boot_debian, build_debian_base, build_host_layer
+from tmpfsboot.demo_debian import (
+    DebianBoot,
+    boot_debian,
+    build_debian_base,
+    build_host_layer,
+    parse_report,
+)
 from tmpfsboot.serve import start_server
 
 pytestmark = pytest.mark.vm
@@ -154,3 +160,11 @@ def test_base_image_carries_no_build_machine_identity(debian_images: DebianImage
     assert removed["emptied"] == ["/etc/machine-id"]
     assert {"/etc/hostname", "/etc/resolv.conf"} <= set(removed["removed"])
     assert any(p.startswith("/var/lib/apt/lists/") for p in removed["left_out"])
+
+
+@pytest.mark.unit
+def test_report_lines_are_read_after_a_login_prompt() -> None:
+    console = ("Debian GNU/Linux 12 node7 ttyS0\n\nnode7 login: REPORT hostname: node7\r\n"
+               "REPORT failed: \nREPORT state: running\nnot a REPORT\n")
+    assert parse_report(console.replace("\r\n", "\n")) == {
+        "hostname": "node7", "failed": "", "state": "running"}

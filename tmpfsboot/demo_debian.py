@@ -76,9 +76,10 @@ def debian_root() -> str:
 
 
 def parse_report(console: str) -> dict[str, str]:
-    """The `REPORT key: value` lines the report unit printed."""
+    """The `REPORT key: value` lines the report unit printed. A line may start with the
+    serial getty's `node7 login: ` prompt, which ends without a newline."""
     return {m.group(1): m.group(2).strip()
-            for m in re.finditer(r"^REPORT ([a-z.-]+): ?(.*)$", console, re.M)}
+            for m in re.finditer(r"REPORT ([a-z.-]+): ?(.*)$", console, re.M)}
 
 
 @dataclass(frozen=True)
