@@ -7,8 +7,9 @@ from QEMU's start until tmpfsboot's root is ready and until systemd reached
 multi-user.target (host clock), and the RAM used after boot (MemTotal - MemAvailable)
 with the tmpfs root's share. The load average is printed beside: this machine is shared,
 and a TCG guest slows with it; so each round also boots the peer, the busybox demo root
-(same kernel, initramfs, server), and the ratio of the two is the load-independent
-figure. With --write the table goes to docs/benchmarks.md between the debian markers.
+(same kernel, initramfs, server), and the ratio of the two says what the real root
+costs over the tiny one under the same conditions (it still moves with the load).
+With --write the table goes to docs/benchmarks.md between the debian markers.
 
     .venv/bin/python bench/debian.py [--rounds 3] [--write]
 """
