@@ -17,7 +17,7 @@ DEB_PACKAGES := \
 	squashfs-tools erofs-utils dracut-core dracut-network dracut-live \
 	isc-dhcp-client iputils-arping
 
-.PHONY: all deps test demo lint bench bench-layers fleet reliability man deb clean
+.PHONY: all deps test demo demo-debian lint bench bench-layers fleet reliability man deb clean
 
 all: test
 
@@ -44,10 +44,15 @@ test: deps
 demo: deps
 	$(BIN)/tmpfsboot demo
 
+# A real Debian 12 with systemd: debootstraps once (about 40 s), then cached.
+demo-debian: deps
+	$(BIN)/tmpfsboot demo --debian
+
 bench: deps
 	$(BIN)/python bench/fetch.py
 	$(BIN)/python bench/extract.py --write
 	$(BIN)/python bench/storm.py --write
+	$(BIN)/python bench/debian.py --write
 
 # 1,000 and 10,000 simulated nodes through three caching nginx in network namespaces.
 fleet: deps

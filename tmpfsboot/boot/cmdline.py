@@ -14,6 +14,12 @@ from dataclasses import dataclass, field
 
 from .contract import DEFAULT_BACKOFF, DEFAULT_TIMEOUT
 from .errors import CmdlineError
+from .identity import (
+    MACHINE_ID_FROM_NODE,
+    HostnameFrom,
+    MachineIdChoice,
+    parse_machine_id_option,
+)
 
 # Substitutions a URL may use; %% is a literal %.
 SUBSTITUTIONS = ("hostname", "fqdn", "mac", "ip", "arch", "uuid")
@@ -76,6 +82,8 @@ class BootPlan:
     backoff: float = DEFAULT_BACKOFF
     quiet: bool = False
     bootif: str | None = None
+    hostname_from: HostnameFrom = HostnameFrom.NODE
+    machine_id: MachineIdChoice = MACHINE_ID_FROM_NODE
     init_args: tuple[str, ...] = field(default=())
     mirror_order: MirrorOrder | None = None  # tmpfs.mirrors=; None: the initramfs default
 
@@ -101,6 +109,8 @@ class BootPlan:
             "backoff": self.backoff,
             "quiet": self.quiet,
             "mirror_order": self.mirror_order.value if self.mirror_order else None,
+            "hostname": self.hostname_from.value,
+            "machine_id": self.machine_id.text,
         }
 
 
@@ -255,6 +265,8 @@ def parse_cmdline(text: str) -> BootPlan:
     timeout = opts.get("tmpfs.timeout")
     backoff = opts.get("tmpfs.backoff")
     mirror_order = opts.get("tmpfs.mirrors")
+    hostname_from = opts.get("tmpfs.hostname")
+    machine_id = opts.get("tmpfs.machine_id")
     return BootPlan(
         tmpfs=True,
         layers=parse_root(root),
@@ -266,6 +278,10 @@ def parse_cmdline(text: str) -> BootPlan:
         else DEFAULT_BACKOFF,
         quiet="quiet" in flags,
         bootif=opts.get("BOOTIF"),
+        hostname_from=HostnameFrom.parse(hostname_from) if hostname_from is not None
+        else HostnameFrom.NODE,
+        machine_id=parse_machine_id_option(machine_id) if machine_id is not None
+        else MACHINE_ID_FROM_NODE,
         init_args=tuple(init_args),
         mirror_order=MirrorOrder.parse(mirror_order) if mirror_order is not None else None,
     )

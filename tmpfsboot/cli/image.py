@@ -10,7 +10,7 @@ from ..host.fsimage import FORMAT_CHOICES, FORMATS
 from ..host.image import (
     COMPRESSORS,
     build_debootstrap_image,
-    build_image,
+    build_tree_image,
     parse_packages,
 )
 
@@ -24,21 +24,23 @@ def cmd_image_build(args: argparse.Namespace) -> int:
                                 include=parse_packages(args.include), mirror=args.mirror,
                                 compression=args.compression, sign=args.sign,
                                 gpg_homedir=gpg_homedir, level=args.level,
-                                fmt=args.format)
+                                fmt=args.format, keep_identity=args.keep_identity)
     else:
         if getattr(args, "variant", None) or getattr(args, "include", None) or getattr(
                 args, "mirror", None):
             raise UsageError("--variant, --include and --mirror go with --debootstrap")
-        build_image(Path(args.source), outdir, args.name, compression=args.compression,
-                    sign=args.sign, gpg_homedir=gpg_homedir, level=args.level,
-                    include_root=args.include_root, fmt=args.format)
+        # `image layer` keeps its tree as it is: a host's layer names its host
+        build_tree_image(Path(args.source), outdir, args.name,
+                         keep_identity=args.keep_identity, compression=args.compression,
+                         sign=args.sign, gpg_homedir=gpg_homedir, level=args.level,
+                         include_root=args.include_root, fmt=args.format)
     return 0
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", required=True, metavar="OUTDIR",
-                   help="directory of images: gets NAME.tar.*, NAME.manifest.json, "
-                   "SHA256SUMS (and SHA256SUMS.gpg with --sign)")
+                   help="directory of images (created if missing): gets NAME.tar.*, "
+                   "NAME.manifest.json, SHA256SUMS (and SHA256SUMS.gpg with --sign)")
     p.add_argument("--name", required=True, help="image name (file name without .tar.*)")
     p.add_argument("--compression", metavar="NAME",
                    help=f"tar: {', '.join(COMPRESSORS)}; squashfs: "
@@ -64,7 +66,12 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     src.add_argument("--debootstrap", metavar="SUITE", help="debootstrap this suite")
     p.add_argument("--variant", help="debootstrap --variant (e.g. minbase)")
     p.add_argument("--include", metavar="PKGS", help="debootstrap --include (comma-separated)")
-    p.add_argument("--mirror", metavar="URL", help="debootstrap mirror")
+    p.add_argument("--mirror", metavar="URL",
+                   help="debootstrap mirror (default: the one apt on this machine uses)")
+    p.add_argument("--keep-identity", action="store_true",
+                   help="archive the tree as it is: keep the build machine's machine-id, "
+                   "hostname, resolv.conf, SSH host keys, random seed and apt's lists and "
+                   "caches (by default they are left out; the source tree is never changed)")
     _add_output_options(p)
     p.add_argument("--format", choices=FORMAT_CHOICES, default="tar",
                    help="tar (a compressed tarball, extracted at boot), or squashfs or "
@@ -76,4 +83,4 @@ def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
                          "same outputs as `image build`.")
     p.add_argument("--from", dest="source", metavar="DIR", required=True, help="the tree")
     _add_output_options(p)
-    p.set_defaults(include_root=False, format="tar")
+    p.set_defaults(include_root=False, format="tar", keep_identity=True)

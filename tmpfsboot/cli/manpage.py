@@ -42,6 +42,15 @@ CMDLINE_PARAMETERS: tuple[Row, ...] = (
     ("`tmpfs.backoff=SECONDS`", f"first retry delay, doubled each time, jittered (default "
      f"{DEFAULT_BACKOFF:g}: the seed's 10-39 s); a server's `Retry-After` sets the delay "
      "instead. Pressing `x` while the boot waits opens a shell"),
+    ("`tmpfs.hostname=node\\|image`", "`node` (default): the new root's `/etc/hostname` is "
+     "the DHCP (or `ip=`) name and `/etc/hosts` names it on 127.0.1.1; `image`: both left as "
+     "the image has them"),
+    ("`tmpfs.machine_id=node\\|random\\|image\\|HEX`", "`node` (default): "
+     "`/etc/machine-id` is the SMBIOS product UUID, as systemd derives it in a VM (stable "
+     "across reboots, distinct between machines), or a hash of the boot NIC's MAC where the "
+     "UUID is missing or a placeholder (all 0, all F, "
+     "`03000200-0400-0500-0006-000700080009`); `random`: new each boot; `image`: the "
+     "image's; 32 hex digits: that one"),
     ("`panic=N quiet ip= BOOTIF= break=`", "initramfs-tools' own, honoured as usual"),
 )
 

@@ -21,6 +21,9 @@ from .vm import BootResult, boot_vm, guest_url
 
 log = logging.getLogger("tmpfsboot")
 
+# The Debian demo node's SMBIOS UUID: its machine-id is derived from it.
+DEMO_UUID = "7a3f0c1e-0001-4000-8000-000000000001"
+
 # Applets the demo root links to /bin/busybox.
 APPLETS = ("sh", "cat", "echo", "hostname", "poweroff", "mount", "grep", "sed", "sleep",
            "ls", "head", "wc", "df", "uname", "cut", "tr")

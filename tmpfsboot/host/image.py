@@ -42,7 +42,9 @@ from ..boot.contract import (
 from ..boot.errors import CommandError, TmpfsbootError, UsageError
 from ..boot.log import Progress, format_bytes, phase
 from ..boot.run import require_program, run, spawn, wait_stage
+from .aptsources import apt_mirror
 from .fsimage import FsFormat, parse_format, write_fs_image
+from .scrub import scrubbed_tree
 
 log = logging.getLogger("tmpfsboot")
 
@@ -127,6 +129,14 @@ def parse_compression(text: str) -> Compressor:
                          f"{', '.join(COMPRESSORS)}") from None
 
 
+def check_format(fmt: str, compression: str | None) -> None:
+    """UsageError naming FMT or COMPRESSION unless build_image can make that image."""
+    if fmt == "tar":
+        parse_compression(compression or "zstd")
+    else:
+        parse_format(fmt, compression)
+
+
 @dataclass(frozen=True)
 class TreeFigures:
     """What a source tree will need once unpacked in a tmpfs."""
@@ -142,6 +152,24 @@ def check_name(name: str) -> str:
         raise UsageError(f"image name {name!r}: use letters, digits and . _ + -, "
                          "starting with a letter or digit")
     return name
+
+
+def check_source(src: Path, outdir: Path) -> Path:
+    """SRC resolved, if it is a directory and OUTDIR is not inside it; UsageError otherwise."""
+    if not src.is_dir():
+        raise UsageError(f"{src}: not a directory")
+    src = src.resolve()
+    if outdir.resolve() == src or outdir.resolve().is_relative_to(src):
+        raise UsageError(f"{outdir}: the output directory is inside the source tree {src}")
+    return src
+
+
+def prepare_output(outdir: Path) -> None:
+    """Create OUTDIR (and its parents) unless it exists, as mkosi does; UsageError if it
+    is something else than a directory."""
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"{outdir}: not a directory")
+    outdir.mkdir(parents=True, exist_ok=True)
 
 
 def round_up_to_pages(n: int) -> int:
@@ -362,7 +390,7 @@ def write_tarball(src: Path, out: IO[bytes], compression: Compressor, *,
 def build_image(src: Path, outdir: Path, name: str, *, compression: str | None = None,
                 sign: str | None = None, gpg_homedir: Path | None = None,
                 level: int | None = None, include_root: bool = True,
-                fmt: str = "tar") -> Path:
+                fmt: str = "tar", identity: dict[str, object] | None = None) -> Path:
     """Build OUTDIR/NAME.tar.<zst|xz|gz> from the tree SRC; returns the image's path.
     With FMT squashfs or erofs: OUTDIR/NAME.squashfs or NAME.erofs (see fsimage).
 
@@ -373,6 +401,7 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str | None =
     Also writes OUTDIR/NAME.manifest.json, sets the image's line in OUTDIR/SHA256SUMS
     (other images' lines are kept) and, with SIGN (a gpg key id), re-signs SHA256SUMS as
     OUTDIR/SHA256SUMS.gpg. Nothing appears under a final name before it is complete.
+    IDENTITY, what was scrubbed of the build machine, goes into the manifest.
     """
     check_name(name)
     fs: FsFormat | None = None
@@ -381,13 +410,8 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str | None =
         comp = parse_compression(compression)
     else:
         fs, compression = parse_format(fmt, compression)
-    if not src.is_dir():
-        raise UsageError(f"{src}: not a directory")
-    if not outdir.is_dir():
-        raise UsageError(f"{outdir}: not a directory")
-    src = src.resolve()
-    if outdir.resolve() == src or outdir.resolve().is_relative_to(src):
-        raise UsageError(f"{outdir}: the output directory is inside the source tree {src}")
+    src = check_source(src, outdir)
+    prepare_output(outdir)
     if sign is not None:
         check_signing_key(sign, gpg_homedir)
     file = name + (comp.suffix if fs is None else fs.suffix)
@@ -416,7 +440,7 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str | None =
         os.chmod(tmp, 0o644)
         manifest = Manifest(name=name, file=file, compression=compression,
                             size=size, sha256=sha256, unpacked_size=figures.unpacked_size,
-                            entries=figures.entries, format=fmt)
+                            entries=figures.entries, format=fmt, identity=identity)
         with lock_directory(outdir):
             os.replace(tmp, image)
             write_atomically(outdir / f"{name}{MANIFEST_SUFFIX}",
@@ -483,25 +507,47 @@ def build_debootstrap_image(suite: str, outdir: Path, name: str, *, variant: str
                             include: Sequence[str], mirror: str | None,
                             compression: str | None, sign: str | None,
                             gpg_homedir: Path | None, level: int | None,
-                            fmt: str = "tar") -> Path:
-    """Debootstrap SUITE into a scratch directory beside OUTDIR's images, build the image
-    from it, and remove the scratch directory."""
+                            fmt: str = "tar", keep_identity: bool = False) -> Path:
+    """Debootstrap SUITE into a scratch directory beside OUTDIR's images, scrub the build
+    machine's identity from it (unless KEEP_IDENTITY), build the image from it, and remove
+    the scratch directory. MIRROR defaults to the one apt on this machine uses."""
     check_name(name)
-    if fmt == "tar":
-        parse_compression(compression or "zstd")
-    else:
-        parse_format(fmt, compression)
+    check_format(fmt, compression)
     if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", suite):
         raise UsageError(f"--debootstrap {suite!r}: not a suite name")
-    if not outdir.is_dir():
-        raise UsageError(f"{outdir}: not a directory")
+    mirror = mirror or apt_mirror(suite)
+    prepare_output(outdir)
     require_program("debootstrap")
     target = Path(tempfile.mkdtemp(dir=outdir, prefix=f".{name}.debootstrap."))
     try:
         with phase(f"Debootstrapping {suite} into {target}"):
             run(compose_debootstrap_argv(suite, target, variant=variant, include=include,
                                  mirror=mirror))
-        return build_image(target, outdir, name, compression=compression, sign=sign,
-                           gpg_homedir=gpg_homedir, level=level, fmt=fmt)
+        if keep_identity:
+            return build_image(target, outdir, name, compression=compression, sign=sign,
+                               gpg_homedir=gpg_homedir, level=level, fmt=fmt)
+        with scrubbed_tree(target, in_place=True) as (tree, scrub):
+            return build_image(tree, outdir, name, compression=compression, sign=sign,
+                               gpg_homedir=gpg_homedir, level=level, fmt=fmt,
+                               identity=scrub.to_json())
     finally:
         remove_tree(target)
+
+
+def build_tree_image(src: Path, outdir: Path, name: str, *, keep_identity: bool = False,
+                     compression: str | None = None, sign: str | None = None,
+                     gpg_homedir: Path | None = None, level: int | None = None,
+                     include_root: bool = True, fmt: str = "tar") -> Path:
+    """build_image of the tree SRC with the build machine's identity left out (unless
+    KEEP_IDENTITY): SRC itself is never changed, the image is made from a scrubbed view."""
+    if keep_identity:
+        return build_image(src, outdir, name, compression=compression, sign=sign,
+                           gpg_homedir=gpg_homedir, level=level, include_root=include_root,
+                           fmt=fmt)
+    check_name(name)
+    check_format(fmt, compression)
+    check_source(src, outdir)
+    with scrubbed_tree(src, in_place=False) as (tree, scrub):
+        return build_image(tree, outdir, name, compression=compression, sign=sign,
+                           gpg_homedir=gpg_homedir, level=level, include_root=include_root,
+                           fmt=fmt, identity=scrub.to_json())
