@@ -6,13 +6,9 @@ import argparse
 from pathlib import Path
 
 from ..boot.errors import UsageError
+from ..host.debootstrap import build_debootstrap_image, parse_packages
 from ..host.fsimage import FORMAT_CHOICES, FORMATS
-from ..host.image import (
-    COMPRESSORS,
-    build_debootstrap_image,
-    build_tree_image,
-    parse_packages,
-)
+from ..host.image import COMPRESSORS, build_tree_image
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:

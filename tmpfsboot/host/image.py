@@ -18,13 +18,11 @@ import fcntl
 import hashlib
 import logging
 import os
-import re
-import shutil
 import stat
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -39,10 +37,9 @@ from ..boot.contract import (
     parse_sums,
     render_sums,
 )
-from ..boot.errors import CommandError, TmpfsbootError, UsageError
+from ..boot.errors import TmpfsbootError, UsageError
 from ..boot.log import Progress, format_bytes, phase
 from ..boot.run import require_program, run, spawn, wait_stage
-from .aptsources import apt_mirror
 from .fsimage import FsFormat, parse_format, write_fs_image
 from .scrub import scrubbed_tree
 
@@ -452,86 +449,6 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str | None =
         raise
     log.info("Built %s: %s, sha256 %s", image, format_bytes(size), sha256)
     return image
-
-
-def list_mounts_under(path: Path) -> list[Path]:
-    """Mount points at or below PATH, deepest first (from /proc/self/mountinfo)."""
-    found: list[Path] = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            # Field 5 is the mount point, with space, tab, newline and \ octal-escaped.
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
-                           line.split()[4])
-            p = Path(point)
-            if p == path or p.is_relative_to(path):
-                found.append(p)
-    return sorted(found, key=lambda p: len(p.parts), reverse=True)
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a debootstrap target, unmounting what debootstrap left mounted in it first
-    (a failed run can leave /proc and /sys there: never delete through a mount)."""
-    for point in list_mounts_under(path):
-        run(["umount", "--lazy", str(point)], check=False)
-    if left := list_mounts_under(path):
-        raise CommandError(f"{left[0]}: still mounted; not removing {path}")
-    shutil.rmtree(path)
-
-
-def compose_debootstrap_argv(suite: str, target: Path, *, variant: str | None,
-                     include: Sequence[str], mirror: str | None) -> list[str]:
-    """The debootstrap command that makes a root of SUITE in TARGET."""
-    argv = ["debootstrap"]
-    if variant:
-        argv.append(f"--variant={variant}")
-    if include:
-        argv.append("--include=" + ",".join(include))
-    argv += [suite, str(target)]
-    if mirror:
-        argv.append(mirror)
-    return argv
-
-
-def parse_packages(text: str | None) -> list[str]:
-    """--include's comma- or space-separated package list."""
-    if not text:
-        return []
-    pkgs = [p for p in re.split(r"[,\s]+", text) if p]
-    for p in pkgs:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*(:[a-z0-9-]+)?", p):
-            raise UsageError(f"--include: {p!r} is not a Debian package name")
-    return pkgs
-
-
-def build_debootstrap_image(suite: str, outdir: Path, name: str, *, variant: str | None,
-                            include: Sequence[str], mirror: str | None,
-                            compression: str | None, sign: str | None,
-                            gpg_homedir: Path | None, level: int | None,
-                            fmt: str = "tar", keep_identity: bool = False) -> Path:
-    """Debootstrap SUITE into a scratch directory beside OUTDIR's images, scrub the build
-    machine's identity from it (unless KEEP_IDENTITY), build the image from it, and remove
-    the scratch directory. MIRROR defaults to the one apt on this machine uses."""
-    check_name(name)
-    check_format(fmt, compression)
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", suite):
-        raise UsageError(f"--debootstrap {suite!r}: not a suite name")
-    mirror = mirror or apt_mirror(suite)
-    prepare_output(outdir)
-    require_program("debootstrap")
-    target = Path(tempfile.mkdtemp(dir=outdir, prefix=f".{name}.debootstrap."))
-    try:
-        with phase(f"Debootstrapping {suite} into {target}"):
-            run(compose_debootstrap_argv(suite, target, variant=variant, include=include,
-                                 mirror=mirror))
-        if keep_identity:
-            return build_image(target, outdir, name, compression=compression, sign=sign,
-                               gpg_homedir=gpg_homedir, level=level, fmt=fmt)
-        with scrubbed_tree(target, in_place=True) as (tree, scrub):
-            return build_image(tree, outdir, name, compression=compression, sign=sign,
-                               gpg_homedir=gpg_homedir, level=level, fmt=fmt,
-                               identity=scrub.to_json())
-    finally:
-        remove_tree(target)
 
 
 def build_tree_image(src: Path, outdir: Path, name: str, *, keep_identity: bool = False,
