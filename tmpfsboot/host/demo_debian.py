@@ -14,6 +14,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from ..boot.errors import TmpfsbootError
@@ -29,7 +30,7 @@ CONSOLE_APPEND = ("loglevel=4", "systemd.show_status=error")
 REPORT_NAME = "tmpfsboot-report"
 
 # The report unit and its script, shipped as package data.
-DATA = Path(__file__).parent / "data" / "demo-debian"
+DATA = Path(str(resources.files("tmpfsboot") / "data" / "demo-debian"))
 
 
 def build_debian_base(images: Path, workdir: Path, *,
