@@ -16,6 +16,7 @@ from helpers_chroot import Chroot, cached_base, fresh_chroot, host_codename, par
 
 from tmpfsboot import __version__
 from tmpfsboot.host.demo import build_demo_root
+from tmpfsboot.host.dracut import render_module
 from tmpfsboot.host.image import build_image
 from tmpfsboot.host.initramfs import LIST_MODULES, PACKAGED_HOOK, render_hook
 from tmpfsboot.host.serve import start_server
@@ -105,6 +106,10 @@ def test_package_ships_hook_man_pages_and_trigger_but_nothing_in_etc(deb: Path) 
                  "man5/tmpfsboot.conf.5.gz"):
         assert f"/usr/share/man/{page}" in modes
     assert not [p for p in modes if p.startswith("/etc/")]
+    # dracut's module, where dracut looks; only included in an initramfs when asked for
+    module = "/usr/lib/dracut/modules.d/90tmpfsboot"
+    assert modes[f"{module}/module-setup.sh"] == "-rwxr-xr-x"
+    assert modes[f"{module}/tmpfsroot.sh"] == "-rwxr-xr-x"
     triggers = subprocess.run(["dpkg-deb", "-I", str(deb), "triggers"], capture_output=True,
                               text=True, check=True).stdout
     assert "activate-noawait update-initramfs" in triggers.splitlines()
@@ -113,6 +118,11 @@ def test_package_ships_hook_man_pages_and_trigger_but_nothing_in_etc(deb: Path) 
 def test_packaged_hook_is_the_one_initramfs_install_writes(deb: Path, tmp_path: Path) -> None:
     subprocess.run(["dpkg-deb", "-x", str(deb), str(tmp_path)], check=True)
     assert (tmp_path / HOOK.lstrip("/")).read_text() == render_hook("/usr/bin/python3")
+    rendered = tmp_path / "rendered"
+    render_module(rendered, python="/usr/bin/python3")
+    packaged = tmp_path / "usr/lib/dracut/modules.d/90tmpfsboot"
+    assert {f.name: f.read_text() for f in packaged.iterdir()} == {
+        f.name: f.read_text() for f in rendered.iterdir()}
 
 
 def test_pip_install_dot_still_gives_the_command_and_its_data(tmp_path: Path) -> None:
