@@ -87,10 +87,10 @@ class _Reader:
 
     def read(self, n: int) -> bytes:
         """Exactly N bytes; b'' at a clean end of stream; ArchiveError if cut short."""
-        if self.end - self.pos >= n:
-            data = bytes(self.view[self.pos : self.pos + n])
-            self.pos += n
-            return data
+        pos = self.pos
+        if self.end - pos >= n:
+            self.pos = pos + n
+            return bytes(self.view[pos : pos + n])
         parts = [bytes(self.view[self.pos : self.end])]
         have = len(parts[0])
         while have < n:
@@ -342,7 +342,11 @@ class Extractor:
                     os.fchmod(fd, m.mode)  # chown cleared the setuid and setgid bits
             if m.xattrs or m.acls:
                 self._set_xattrs(fd, m, follow=True)  # after chown and data: both clear caps
-            os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+            mtime_ns = m.mtime_ns
+            if mtime_ns % 1_000_000_000:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            else:  # whole seconds (a .deb's files): cheaper to convert than nanoseconds
+                os.utime(fd, (mtime_ns // 1_000_000_000,) * 2)
         finally:
             os.close(fd)
 
