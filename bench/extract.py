@@ -9,10 +9,13 @@ extracts it into a fresh tmpfs with each method, interleaved round by round:
 - gnu-tar: `tar -x --xattrs --xattrs-include=* --numeric-owner -f ROOT.tar`
 - engine: `Extractor(target).extract(fd)` in a fresh python3.11 (start-up included,
   about 30 ms), from the tree given by --engine NAME=DIR (default: this checkout), so a
-  change can be measured against the code before it (`--engine before=/tmp/old`).
+  change can be measured against the code before it (`--engine before=/tmp/old`); run
+  with -P, so the current directory does not shadow DIR.
 
-Prints medians, ratios to GNU tar and microseconds per member (wall and user CPU), and
-with --write puts them in docs/benchmarks.md under `## Extraction`.
+With --cpus 1,2 every method runs under `taskset` on 1, then 2 CPUs (each CPU count a
+method of its own in the same interleaved rounds). Prints medians, ratios to GNU tar on
+the same CPUs and microseconds per member (wall and user CPU), and with --write puts them
+in docs/benchmarks.md under `## Extraction`.
 """
 
 from __future__ import annotations
@@ -66,6 +69,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--engine", action="append", default=[],
                         help="NAME=DIR: a tree holding tmpfsboot/ to measure (repeatable)")
+    parser.add_argument("--cpus", default="",
+                        help="N,M,...: run every method on the first N CPUs (taskset)")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
     engines = dict(e.split("=", 1) for e in args.engine) or {"engine": str(REPO)}
@@ -79,10 +84,11 @@ def main() -> int:
             subprocess.run(["tar", "-c", "-f", str(archive), *TAR_OPTIONS, "-C", str(src),
                             *sorted(p.name for p in src.iterdir() if p.name != "root.tar")],
                            check=True)
-            methods = {"gnu-tar": [*GNU_TAR, str(archive), "-C", str(target)]}
+            plain = {"gnu-tar": [*GNU_TAR, str(archive), "-C", str(target)]}
             for name, tree in engines.items():
-                methods[name] = ["env", f"PYTHONPATH={tree}", sys.executable, "-c", ENGINE,
-                                 str(archive), str(target)]
+                plain[name] = ["env", f"PYTHONPATH={tree}", sys.executable, "-P", "-c", ENGINE,
+                               str(archive), str(target)]
+            methods = pinned(plain, args.cpus)
             runs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
             for _ in range(args.rounds):
                 for name, argv in methods.items():
@@ -101,9 +107,17 @@ def main() -> int:
     return 0
 
 
+def pinned(methods: dict[str, list[str]], cpus: str) -> dict[str, list[str]]:
+    """METHODS once per CPU count in CPUS ("1,2"), each under taskset; as they are if
+    CPUS is empty. Names get a suffix: "gnu-tar 2cpu"."""
+    if not cpus:
+        return methods
+    return {f"{name} {n}cpu": ["taskset", "-c", f"0-{int(n) - 1}", *argv]
+            for n in cpus.split(",") for name, argv in methods.items()}
+
+
 def report(runs: dict[str, list[tuple[float, float, float]]], members: int, size: int,
            rounds: int) -> str:
-    gnu = statistics.median(r[0] for r in runs["gnu-tar"])
     lines = [
         f"How reproduced: `python bench/extract.py` ({rounds} interleaved rounds, medians):",
         f"a {size / 1e6:.0f} MB pax tar of {members:,} members (40,000 files of 0-8 KiB,",
@@ -114,6 +128,9 @@ def report(runs: dict[str, list[tuple[float, float, float]]], members: int, size
         "|---|---|---|---|---|---|---|",
     ]
     for name, rs in runs.items():
+        suffix = name.partition(" ")[2]
+        peer = f"gnu-tar {suffix}" if suffix else "gnu-tar"
+        gnu = statistics.median(r[0] for r in runs[peer])
         wall = statistics.median(r[0] for r in rs)
         user = statistics.median(r[1] for r in rs)
         system = statistics.median(r[2] for r in rs)

@@ -87,10 +87,10 @@ class _Reader:
 
     def read(self, n: int) -> bytes:
         """Exactly N bytes; b'' at a clean end of stream; ArchiveError if cut short."""
-        if self.end - self.pos >= n:
-            data = bytes(self.view[self.pos : self.pos + n])
-            self.pos += n
-            return data
+        pos = self.pos
+        if self.end - pos >= n:
+            self.pos = pos + n
+            return bytes(self.view[pos : pos + n])
         parts = [bytes(self.view[self.pos : self.end])]
         have = len(parts[0])
         while have < n:
@@ -149,6 +149,7 @@ class Extractor:
         self._ids: tuple[dict[str, int], dict[str, int]] | None = None
         self._unsupported: set[str] = set()
         self._euid, self._egid = os.geteuid(), os.getegid()
+        self._root_fd = -1  # open while a layer is extracted: files are created under it
         # directories (real relative paths) whose setgid bit makes new files inherit a group
         self._setgid_dirs: set[str] = set()
         if os.lstat(self.root).st_mode & stat.S_ISGID:
@@ -231,9 +232,12 @@ class Extractor:
         ArchiveError for a corrupt or truncated archive, SpaceError when the target fills.
         """
         umask = os.umask(0)  # files are created with their final mode
+        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             return self._extract(fd, label)
         finally:
+            os.close(self._root_fd)
+            self._root_fd = -1
             os.umask(umask)
 
     def _extract(self, fd: int, label: str) -> ExtractStats:
@@ -275,13 +279,18 @@ class Extractor:
             self._whiteout(parent, base, m.name)
             stats.whiteouts += 1
             return
-        rel, path = self._place(name, m.name)
+        real_parent = self._dirs.get(parent)
+        if real_parent is None:
+            real_parent = self._resolve_dir(parent, m.name)
+        rel = f"{real_parent}/{base}" if real_parent else base
         self._layer_paths.add(rel)
-        if kind == REGULAR:
-            self._write_file(rel, path, m, reader)
+        if kind == REGULAR:  # the hot path: opened relative to the root, no path built
+            self._write_file(rel, real_parent, m, reader)
             stats.files += 1
             stats.bytes += m.size
-        elif kind == DIRECTORY:
+            return
+        path = self._real(rel)
+        if kind == DIRECTORY:
             self._make_dir(name, rel, path, m)
         elif kind == SYMLINK:
             self._replace(path, lambda: os.symlink(m.linkname, path))
@@ -312,14 +321,14 @@ class Extractor:
             self._remove(path)
             create()
 
-    def _write_file(self, rel: str, path: str, m: Member, reader: _Reader) -> None:
+    def _write_file(self, rel: str, real_parent: str, m: Member, reader: _Reader) -> None:
         # Created with its final mode (the umask is 0 while extracting): most files of a
         # root belong to root, so neither fchown nor fchmod is needed - the hot path.
         try:
-            fd = os.open(path, _O_CREATE, m.mode)
+            fd = os.open(rel, _O_CREATE, m.mode, dir_fd=self._root_fd)
         except FileExistsError:
-            self._remove(path)
-            fd = os.open(path, _O_CREATE, m.mode)
+            self._remove(self._real(rel))
+            fd = os.open(rel, _O_CREATE, m.mode, dir_fd=self._root_fd)
         try:
             if m.sparse is not None:
                 self._write_sparse(fd, m, reader)
@@ -327,13 +336,17 @@ class Extractor:
             elif m.size:
                 reader.copy(fd, m.size, m.name, pad=-m.size % 512)
             if self.same_owner and (m.uid != self._euid or m.gid != self._egid
-                                    or rel.rpartition("/")[0] in self._setgid_dirs):
+                                    or real_parent in self._setgid_dirs):
                 os.fchown(fd, m.uid, m.gid)
                 if m.mode & 0o6000:
                     os.fchmod(fd, m.mode)  # chown cleared the setuid and setgid bits
             if m.xattrs or m.acls:
                 self._set_xattrs(fd, m, follow=True)  # after chown and data: both clear caps
-            os.utime(fd, ns=(m.mtime_ns, m.mtime_ns))
+            mtime_ns = m.mtime_ns
+            if mtime_ns % 1_000_000_000:
+                os.utime(fd, ns=(mtime_ns, mtime_ns))
+            else:  # whole seconds (a .deb's files): cheaper to convert than nanoseconds
+                os.utime(fd, (mtime_ns // 1_000_000_000,) * 2)
         finally:
             os.close(fd)
 

@@ -1,0 +1,110 @@
+"""The header parser's fast path against its general path: what `image build` writes (a
+pax mtime record before each plain header) takes the fast path, and gives exactly the
+Members, or exactly the error, that the general path gives for the same bytes - intact,
+mutated header by header, or cut short anywhere."""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import subprocess
+
+import pytest
+from test_tarfuzz import mutate
+
+from tmpfsboot.boot.errors import ArchiveError
+from tmpfsboot.boot.tarheader import BLOCK, HeaderParser, Member
+from tmpfsboot.image import TAR_OPTIONS
+
+pytestmark = pytest.mark.unit
+
+CASES = 3000
+
+
+class GeneralOnly(HeaderParser):
+    """The parser with its fast path off: every member through `_general`."""
+
+    def next_member(self) -> Member | None:
+        return self._general(self.read(BLOCK), None)
+
+
+class Counting(HeaderParser):
+    """The parser as it is, counting the members the fast path did not take."""
+
+    general = 0
+
+    def _general(self, block: bytes, pax: list[tuple[str, bytes]] | None) -> Member | None:
+        self.general += 1
+        return super()._general(block, pax)
+
+
+def outcome(parser_class: type[HeaderParser], archive: bytes,
+            made: list[HeaderParser] | None = None) -> list[Member] | str:
+    """Every member of ARCHIVE (data skipped), or the error's message; the parser used
+    is appended to MADE."""
+    stream = io.BytesIO(archive)
+    parser = parser_class(stream.read)
+    if made is not None:
+        made.append(parser)
+    found = []
+    try:
+        while (m := parser.next_member()) is not None:
+            found.append(m)
+            stream.seek(m.size + (-m.size % BLOCK), io.SEEK_CUR)
+    except ArchiveError as e:
+        return f"error: {e}"
+    return found
+
+
+@pytest.fixture(scope="module")
+def image_tar(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    """A root archived as `image build` archives it: short and long names, directories,
+    owners, modes and mtimes with and without a fraction, empty and larger files."""
+    root = tmp_path_factory.mktemp("fastroot")
+    rng = random.Random(13)
+    for d in range(4):
+        sub = root / f"d{d}" / ("deep" * (20 * (d == 3)))
+        sub.mkdir(parents=True, exist_ok=True)
+        for i in range(30):
+            path = sub / (f"f{i}" + "x" * rng.choice((0, 0, 0, 0, 0, 90, 120)))
+            path.write_bytes(rng.randbytes(rng.choice((0, 1, 511, 512, 513, 3000))))
+            if rng.random() < 0.2:  # most files of a root: 0644, root's
+                os.chmod(path, rng.choice((0o755, 0o600, 0o4755)))
+                os.chown(path, rng.choice((0, 1000)), rng.choice((0, 100)))
+            else:
+                os.chmod(path, 0o644)
+            os.utime(path, ns=(0, rng.choice((1_700_000_000_000_000_000,
+                                              1_700_000_000_123_456_789,
+                                              1_700_000_000_500_000_000))))
+    return subprocess.run(["tar", "-c", "-f", "-", *TAR_OPTIONS, "-C", str(root), "."],
+                          check=True, capture_output=True).stdout
+
+
+def test_image_build_archive_takes_the_fast_path_and_parses_the_same(image_tar: bytes) -> None:
+    made: list[HeaderParser] = []
+    fast = outcome(Counting, image_tar, made)
+    general = outcome(GeneralOnly, image_tar)
+    assert isinstance(fast, list) and len(fast) > 50
+    assert fast == general
+    # first owners and long names take the general path
+    assert isinstance(made[0], Counting) and made[0].general < len(fast) / 2
+
+
+def test_mutated_and_truncated_archives_give_the_same_members_or_error(
+        image_tar: bytes) -> None:
+    rng = random.Random(13)
+    head = image_tar[: 40 * BLOCK] + bytes(2 * BLOCK)  # mutations land in the first members
+    differ = []
+    for case in range(CASES):
+        archive = mutate(head, rng)
+        fast, general = outcome(HeaderParser, archive), outcome(GeneralOnly, archive)
+        if fast != general:
+            differ.append((case, fast, general))
+    assert not differ, differ[:3]
+
+
+def test_every_cut_in_a_fast_member_gives_the_general_paths_error(image_tar: bytes) -> None:
+    for cut in range(0, 8 * BLOCK, 7):
+        archive = image_tar[:cut]
+        assert outcome(HeaderParser, archive) == outcome(GeneralOnly, archive), cut
