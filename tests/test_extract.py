@@ -15,7 +15,7 @@ from helpers_image import diff_trees, make_full_tree, mounted_tmpfs, snapshot_tr
 from tmpfsboot.boot.acl import acl_text_to_xattr
 from tmpfsboot.boot.errors import ArchiveError
 from tmpfsboot.boot.extract import Extractor, normalize_name
-from tmpfsboot.boot.tarheader import parse_pax
+from tmpfsboot.boot.tarfields import parse_pax
 
 GNU_TAR = ["tar", "--format=pax", "--numeric-owner", "--xattrs", "--xattrs-include=*",
            "--acls"]

@@ -15,7 +15,8 @@ from tarcorpus import DATA
 
 from tmpfsboot.boot.errors import TmpfsbootError
 from tmpfsboot.boot.extract import Extractor, empty_directory
-from tmpfsboot.boot.tarheader import BLOCK, verify_checksum
+from tmpfsboot.boot.tarfields import verify_checksum
+from tmpfsboot.boot.tarheader import BLOCK
 
 pytestmark = pytest.mark.integration
 

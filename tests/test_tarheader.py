@@ -9,6 +9,7 @@ import tarfile
 import pytest
 
 from tmpfsboot.boot.errors import ArchiveError
+from tmpfsboot.boot.tarfields import parse_pax_time, verify_checksum
 from tmpfsboot.boot.tarheader import (
     BLOCK,
     DIRECTORY,
@@ -16,8 +17,6 @@ from tmpfsboot.boot.tarheader import (
     HeaderParser,
     Member,
     TypeFlag,
-    parse_pax_time,
-    verify_checksum,
 )
 
 pytestmark = pytest.mark.unit

@@ -20,7 +20,8 @@ from typing import Protocol
 
 from .errors import ArchiveError, CommandError
 from .run import find_program, spawn, wait_stage
-from .tarheader import BLOCK, ZERO_BLOCK, verify_checksum
+from .tarfields import verify_checksum
+from .tarheader import BLOCK, ZERO_BLOCK
 
 log = logging.getLogger("tmpfsboot")
 

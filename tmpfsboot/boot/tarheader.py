@@ -8,27 +8,37 @@ is an ArchiveError naming the member and the field.
 
 Built for speed (one pass over each 512-byte header, the checksum computed once, the
 common all-octal numeric fields parsed without a helper call per field), as GNU tar-like
-throughput is the goal: a root has tens of thousands of members.
+throughput is the goal: a root has tens of thousands of members. The fields themselves
+(numbers, times, names, pax records, checksums) are parsed in tarfields.py.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import enum
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
-from zlib import adler32
 
 from .errors import ArchiveError
+from .tarfields import (
+    FRACTION_SCALE,
+    MAX_ID,
+    MAX_NUMBER,
+    checksum_ok,
+    cstr,
+    fail,
+    parse_number,
+    parse_pax,
+    parse_pax_time,
+    pax_decimal,
+    pax_name,
+    verify_checksum,
+    xattr_record,
+)
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 MAX_EXTENSION = 64 << 20  # the largest pax or long-name header we accept
-MAX_ID = (1 << 32) - 2  # uid/gid: (uid_t)-1 means "unchanged" to chown
 MAX_SPARSE_ENTRIES = 1 << 20
-MAX_NUMBER = (1 << 62) - 1  # sizes, offsets, seconds: what off_t and time_t hold
 
 
 class TypeFlag(bytes, enum.Enum):
@@ -105,168 +115,15 @@ class Member:
     sparse_map_in_data: bool = False
 
 
-def _fail(name: str | bytes, what: str) -> ArchiveError:
-    """The error for member NAME (or the member whose header block NAME is)."""
-    if isinstance(name, bytes):
-        name = _header_name(name)
-    return ArchiveError(f"tar member {name!r}: {what}")
-
-
-def _cstr(data: bytes) -> bytes:
-    end = data.find(0)
-    return data if end < 0 else data[:end]
-
-
-def _text(data: bytes) -> str:
-    return _cstr(data).decode("utf-8", "surrogateescape")
-
-
-def parse_number(field: bytes, name: str | bytes, what: str, *, signed: bool = False,
-                 limit: int = MAX_NUMBER) -> int:
-    """A numeric header field: octal text (space or NUL padded), or GNU base-256."""
-    first = field[0]
-    if first & 0x80:
-        value = int.from_bytes(field, "big") & ~(0xFF << (8 * len(field) - 8))
-        if first == 0xFF:  # negative base-256 (two's complement)
-            value -= 1 << (8 * len(field) - 8)
-            if not signed:
-                raise _fail(name, f"negative base-256 {what}")
-        elif first != 0x80:
-            raise _fail(name, f"corrupt base-256 {what}")
-        if abs(value) > limit:
-            raise _fail(name, f"base-256 {what} {value} is out of range")
-        return value
-    text = _cstr(field).strip(b" ")
-    if not text:
-        return 0
-    if text.translate(None, b"01234567"):
-        raise _fail(name, f"{what} field {text.decode('latin-1')!r} is not an octal number")
-    return int(text, 8)
-
-
-def _header_name(block: bytes) -> str:
-    """The name a header gives itself (for error messages)."""
-    name = _cstr(block[0:100])
-    if block[257:263] == b"ustar\0" and block[345]:
-        name = _cstr(block[345:500]) + b"/" + name
-    return name.decode("utf-8", "surrogateescape")
-
-
-def unsigned_sum(block: bytes) -> int:
-    """The sum of a block's 512 bytes: zlib's adler32 sums in C, exactly while the sum
-    stays below its modulus 65521 (256 bytes sum to at most 65280)."""
-    return (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
-
-
-def verify_checksum(block: bytes) -> bool:
-    """The header checksum, over unsigned bytes (or signed, as some old tars summed)."""
-    field = block[148:156]
-    total = unsigned_sum(block) - sum(field) + 256
-    try:
-        stored = parse_number(field, "", "checksum")
-    except ArchiveError:
-        return False
-    if total == stored:
-        return True
-    signed = total - 256 * sum(1 for b in block[:148] if b & 0x80)
-    signed -= 256 * sum(1 for b in block[156:] if b & 0x80)
-    return signed == stored
-
-
-def _checksum_ok(block: bytes) -> bool:
-    """The checksum spelt "%06o\\0 " (GNU tar, pax) and right, computed once; any other
-    spelling, a signed sum or the end-of-archive block are for `verify_checksum`."""
-    field = block[148:154]
-    if block.isascii():  # then the sum is below adler32's modulus: one call sums it all
-        total = (adler32(block) & 0xFFFF) - 1
-    else:
-        total = (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
-    try:
-        return (field.isdigit() and block[154] == 0
-                and int(field, 8) == total - sum(block[148:156]) + 256)
-    except ValueError:  # an 8 or a 9
-        return False
-
-
-_FRACTION_SCALE = tuple(10 ** (9 - n) for n in range(10))  # nanoseconds per unit of a
-# pax time's fraction of N digits
-
-
-def _decimal(value: bytes, name: str, key: str, *, limit: int) -> int:
-    if not value.isdigit():
-        raise _fail(name, f"pax {key} {value.decode('latin-1')!r} is not a number")
-    number = int(value)
-    if number > limit:
-        raise _fail(name, f"pax {key} {number} is out of range")
-    return number
-
-
-def parse_pax_time(value: bytes, name: str, key: str = "mtime") -> int:
-    """A pax time `[-]SECONDS[.FRACTION]` in nanoseconds."""
-    whole, dot, frac = value.partition(b".")
-    negative = whole.startswith(b"-")
-    digits = whole[1:] if negative else whole
-    if not digits.isdigit() or (dot and not frac.isdigit()) or len(digits) > 18:
-        raise _fail(name, f"pax {key} {value.decode('latin-1')!r} is not a time")
-    ns = int(digits) * 1_000_000_000 + int((frac + b"000000000")[:9] if frac else b"0")
-    return -ns if negative else ns
-
-
-def parse_pax(data: bytes, name: str | bytes = "") -> list[tuple[str, bytes]]:
-    """Pax records `LEN KEY=VALUE\\n` in order (GNU sparse 0.0 repeats keys)."""
-    records: list[tuple[str, bytes]] = []
-    pos, end = 0, len(data)
-    while pos < end:
-        if data[pos] == 0:
-            break  # NUL padding after the records
-        space = data.find(b" ", pos, pos + 21)
-        length_text = data[pos:space]
-        if space < 0 or not length_text.isdigit():
-            raise _fail(name, "corrupt pax header: bad record length")
-        stop = pos + int(length_text)
-        if stop > end or stop <= space + 1 or data[stop - 1] != 0x0A:
-            raise _fail(name, "corrupt pax header: record overruns or lacks its newline")
-        key, eq, value = data[space + 1 : stop - 1].partition(b"=")
-        if not eq or not key:
-            raise _fail(name, "corrupt pax header: record without '='")
-        records.append((key.decode("utf-8", "surrogateescape"), value))
-        pos = stop
-    return records
-
-
-def _pax_name(value: bytes, name: str, key: str) -> str:
-    if 0 in value:
-        raise _fail(name, f"pax {key} contains a NUL byte")
-    return value.decode("utf-8", "surrogateescape")
-
-
-def _xattr_value(key: str, value: bytes, name: str) -> tuple[str, bytes]:
-    """(xattr name, value) of a SCHILY/LIBARCHIVE/RHT xattr record."""
-    if key.startswith("SCHILY.xattr."):
-        xname = key[13:]
-    elif key.startswith("LIBARCHIVE.xattr."):
-        xname = urllib.parse.unquote(key[17:], errors="surrogateescape")
-        try:
-            value = base64.b64decode(value + b"=" * (-len(value) % 4), validate=True)
-        except binascii.Error:
-            raise _fail(name, f"pax {key} is not base64") from None
-    else:  # RHT.security.selinux: the context as text; GNU tar sets it with its NUL
-        xname = "security.selinux"
-        value = value if value.endswith(b"\0") else value + b"\0"
-    if not xname or "\0" in xname:
-        raise _fail(name, f"pax {key!r} names no valid xattr")
-    return xname, value
-
-
 def _sparse_map(pairs: list[int], name: str, realsize: int) -> list[tuple[int, int]]:
     if len(pairs) % 2:
-        raise _fail(name, "GNU.sparse map has an odd number of values")
+        raise fail(name, "GNU.sparse map has an odd number of values")
     result = []
     last = 0
     for i in range(0, len(pairs), 2):
         offset, length = pairs[i], pairs[i + 1]
         if offset < last or offset + length > realsize:
-            raise _fail(name, f"sparse map entry {offset},{length} is out of order or range")
+            raise fail(name, f"sparse map entry {offset},{length} is out of order or range")
         last = offset + length
         result.append((offset, length))
     return result
@@ -280,20 +137,20 @@ def read_sparse_map(read: Callable[[int], bytes], member: Member) -> int:
     while want < 0 or len(numbers) < want:
         block = read(BLOCK)
         if len(block) < BLOCK:
-            raise _fail(member.name, "truncated archive inside the sparse map")
+            raise fail(member.name, "truncated archive inside the sparse map")
         buf += block
         lines = buf.split(b"\n")
         numbers = []
         for line in lines[:-1]:
             if not line.isdigit():
-                raise _fail(member.name, "corrupt sparse map")
+                raise fail(member.name, "corrupt sparse map")
             numbers.append(int(line))
         if numbers and want < 0:
             want = 1 + 2 * numbers[0]
             if numbers[0] > MAX_SPARSE_ENTRIES:
-                raise _fail(member.name, "sparse map too large")
+                raise fail(member.name, "sparse map too large")
         if len(buf) > member.size:
-            raise _fail(member.name, "sparse map overruns the member")
+            raise fail(member.name, "sparse map overruns the member")
     member.sparse = _sparse_map(numbers[1:want], member.name, member.realsize)
     member.size -= len(buf)
     member.sparse_map_in_data = False
@@ -325,7 +182,7 @@ class HeaderParser:
             return self._general(block, None)
         if block[156:157] != b"x":
             return self._plain(block, None)
-        if len(block) < BLOCK or not _checksum_ok(block):
+        if len(block) < BLOCK or not checksum_ok(block):
             return self._general(block, None)
         try:
             size = int(block[124:135], 8) if block[124:135].isdigit() else -1
@@ -335,7 +192,7 @@ class HeaderParser:
             return self._general(block, None)
         data = self.read(2 * BLOCK)  # the records and the next header, in one read
         if len(data) < BLOCK:
-            raise _fail(block, "truncated archive inside an extended header")
+            raise fail(block, "truncated archive inside an extended header")
         space = data.find(b" ", 0, 4)
         if (space < 0 or not data[:space].isdigit() or int(data[:space]) != size
                 or data[size - 1] != 0x0A or data[space + 1 : space + 7] != b"mtime="):
@@ -346,7 +203,7 @@ class HeaderParser:
         """The member whose header is BLOCK, after a pax header with only MTIME (or none)."""
         flag = block[156:157]
         if ((flag != b"0" and flag != b"5") or block[345:346] != b"\0" or len(block) < BLOCK
-                or not _checksum_ok(block)):
+                or not checksum_ok(block)):
             return self._general(block, None if mtime is None else [("mtime", mtime)])
         ids = self._ids.get(block[100:124])
         try:
@@ -367,7 +224,7 @@ class HeaderParser:
                 return self._general(block, [("mtime", mtime)])
             mtime_ns = whole_ns = int(whole) * 1_000_000_000
             if dot:
-                mtime_ns = whole_ns + int(frac) * _FRACTION_SCALE[len(frac)]
+                mtime_ns = whole_ns + int(frac) * FRACTION_SCALE[len(frac)]
         self.count += 1
         return Member(raw_name[:end].decode("utf-8", "surrogateescape"), flag[0], ids[0],
                       ids[1], ids[2], size, mtime_ns)
@@ -384,11 +241,11 @@ class HeaderParser:
                                        f"{self.count} members")
                 raise ArchiveError(f"truncated archive: the stream ended inside a header "
                                    f"after {self.count} members")
-            if not _checksum_ok(block):
+            if not checksum_ok(block):
                 if block == ZERO_BLOCK:
                     return None  # end of archive (one zero block is enough, as for tar)
                 if not verify_checksum(block):
-                    raise _fail(block, f"corrupt tar header (checksum mismatch, after "
+                    raise fail(block, f"corrupt tar header (checksum mismatch, after "
                                 f"{self.count} members)")
             flag = block[156]
             if flag not in _EXTENSIONS:
@@ -402,19 +259,19 @@ class HeaderParser:
             if size < 0:
                 size = parse_number(block[124:136], block, "size")
             if size > MAX_EXTENSION:
-                raise _fail(block, f"{size}-byte extended header")
+                raise fail(block, f"{size}-byte extended header")
             padded = size + (-size % BLOCK)
             data = read(padded)
             if len(data) < padded:
-                raise _fail(block, "truncated archive inside an extended header")
+                raise fail(block, "truncated archive inside an extended header")
             if flag == 0x78 or flag == 0x58:  # x, X: consecutive ones: the last wins
                 pax = parse_pax(data[:size], block)
             elif flag == 0x67:  # g
                 self.global_pax.update(parse_pax(data[:size], block))
             elif flag == 0x4C:  # L
-                long_name = _cstr(data[:size])
+                long_name = cstr(data[:size])
             else:
-                long_link = _cstr(data[:size])
+                long_link = cstr(data[:size])
             block = read(BLOCK)
 
     def _member(self, block: bytes, flag: int, pax: list[tuple[str, bytes]] | None,
@@ -427,7 +284,7 @@ class HeaderParser:
             if block[345] and block[257:263] == b"ustar\0":
                 # the POSIX prefix (star's is shorter: its atime and ctime follow)
                 prefix = block[345:476] if block[508:512] == b"tar\0" else block[345:500]
-                raw_name = _cstr(prefix) + b"/" + raw_name
+                raw_name = cstr(prefix) + b"/" + raw_name
         else:
             raw_name = long_name
         name = raw_name.decode("utf-8", "surrogateescape")
@@ -453,7 +310,7 @@ class HeaderParser:
             m.size = 0
             if flag in (HARDLINK, SYMLINK):
                 m.linkname = (long_link if long_link is not None
-                              else _cstr(block[157:257])).decode("utf-8", "surrogateescape")
+                              else cstr(block[157:257])).decode("utf-8", "surrogateescape")
             elif flag in (CHAR, BLOCKDEV):
                 m.devmajor = parse_number(block[329:337], name, "devmajor", limit=MAX_ID)
                 m.devminor = parse_number(block[337:345], name, "devminor", limit=MAX_ID)
@@ -496,10 +353,10 @@ class HeaderParser:
             if not extended:
                 break
             if len(pairs) > 2 * MAX_SPARSE_ENTRIES:
-                raise _fail(m.name, "sparse map too large")
+                raise fail(m.name, "sparse map too large")
             ext = self.read(BLOCK)
             if len(ext) < BLOCK:
-                raise _fail(m.name, "truncated archive inside the sparse extension headers")
+                raise fail(m.name, "truncated archive inside the sparse extension headers")
             entries, extended = ext[0:504], ext[504]
         m.sparse = _sparse_map(pairs, m.name, m.realsize)
 
@@ -511,39 +368,39 @@ class HeaderParser:
             if key == "mtime" and value:  # first: image build writes one on every member
                 m.mtime_ns = parse_pax_time(value, name)
             elif key == "path":  # even empty: GNU tar then fails on the nameless member
-                m.name = name = _pax_name(value, name, key)
+                m.name = name = pax_name(value, name, key)
             elif not value:
                 continue  # an empty value removes the record: the header's field stands
             elif key == "linkpath":
                 if m.kind in (HARDLINK, SYMLINK):
-                    m.linkname = _pax_name(value, name, key)
+                    m.linkname = pax_name(value, name, key)
             elif key == "size":
-                size = _decimal(value, name, key, limit=MAX_NUMBER)
+                size = pax_decimal(value, name, key, limit=MAX_NUMBER)
                 if flag not in _HEADER_ONLY:
                     m.size = size
             elif key == "uid":
-                m.uid = _decimal(value, name, key, limit=MAX_ID)
+                m.uid = pax_decimal(value, name, key, limit=MAX_ID)
             elif key == "gid":
-                m.gid = _decimal(value, name, key, limit=MAX_ID)
+                m.gid = pax_decimal(value, name, key, limit=MAX_ID)
             elif key.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.", "RHT.security.selinux")):
                 if m.xattrs is None:
                     m.xattrs = {}
-                xkey, xvalue = _xattr_value(key, value, name)
+                xkey, xvalue = xattr_record(key, value, name)
                 m.xattrs[xkey] = xvalue
             elif key == "SCHILY.acl.access" or key == "SCHILY.acl.default":
                 if m.acls is None:
                     m.acls = {}
                 m.acls[key[11:]] = value.decode("utf-8", "surrogateescape")
             elif key == "SCHILY.devmajor" and m.kind in (CHAR, BLOCKDEV):
-                m.devmajor = _decimal(value, name, key, limit=MAX_ID)
+                m.devmajor = pax_decimal(value, name, key, limit=MAX_ID)
             elif key == "SCHILY.devminor" and m.kind in (CHAR, BLOCKDEV):
-                m.devminor = _decimal(value, name, key, limit=MAX_ID)
+                m.devminor = pax_decimal(value, name, key, limit=MAX_ID)
             elif key.startswith("GNU.sparse."):
                 sparse_pairs, sparse_major = self._sparse_record(
                     m, key[11:], value, sparse_pairs, sparse_major)
         if sparse_pairs is not None or sparse_major >= 0:
             if m.kind != REGULAR:
-                raise _fail(m.name, "GNU.sparse records on a member that is not a file")
+                raise fail(m.name, "GNU.sparse records on a member that is not a file")
             if sparse_major == 1:
                 m.sparse_map_in_data = True
             else:
@@ -553,15 +410,15 @@ class HeaderParser:
                        major: int) -> tuple[list[int] | None, int]:
         name = m.name
         if key == "name":
-            m.name = _pax_name(value, name, "GNU.sparse.name")
+            m.name = pax_name(value, name, "GNU.sparse.name")
         elif key in ("size", "realsize"):
-            m.realsize = _decimal(value, name, "GNU.sparse." + key, limit=MAX_NUMBER)
+            m.realsize = pax_decimal(value, name, "GNU.sparse." + key, limit=MAX_NUMBER)
         elif key == "major":
-            major = _decimal(value, name, "GNU.sparse.major", limit=1)
+            major = pax_decimal(value, name, "GNU.sparse.major", limit=1)
         elif key in ("offset", "numbytes"):
             pairs = pairs if pairs is not None else []
-            pairs.append(_decimal(value, name, "GNU.sparse." + key, limit=MAX_NUMBER))
+            pairs.append(pax_decimal(value, name, "GNU.sparse." + key, limit=MAX_NUMBER))
         elif key == "map":
-            pairs = [_decimal(v, name, "GNU.sparse.map", limit=MAX_NUMBER)
+            pairs = [pax_decimal(v, name, "GNU.sparse.map", limit=MAX_NUMBER)
                      for v in value.split(b",")]
         return pairs, major
