@@ -10,7 +10,7 @@ import hashlib
 import re
 import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .contract import DEFAULT_BACKOFF, DEFAULT_TIMEOUT
 from .errors import CmdlineError
@@ -76,7 +76,6 @@ class BootPlan:
     backoff: float = DEFAULT_BACKOFF
     quiet: bool = False
     bootif: str | None = None
-    init_args: tuple[str, ...] = field(default=())
     mirror_order: MirrorOrder | None = None  # tmpfs.mirrors=; None: the initramfs default
 
     @property
@@ -231,7 +230,7 @@ def parse_cmdline(text: str) -> BootPlan:
     tmpfs boot is selected by `boot=tmpfs` or by a `root=` whose URL is http(s); any
     other root= leaves `tmpfs` False (not our boot) and the plan empty.
     """
-    args, init_args = split_cmdline(text)
+    args, _ = split_cmdline(text)  # what follows `--` is init's, never ours
     opts: dict[str, str] = {}
     flags: set[str] = set()
     for arg in args:
@@ -247,7 +246,7 @@ def parse_cmdline(text: str) -> BootPlan:
         shown = "nothing" if root is None else root
         raise CmdlineError(f"boot=tmpfs needs root=http(s)://URL, got root={shown}")
     if not is_url or (boot is not None and boot != "tmpfs"):
-        return BootPlan(tmpfs=False, init_args=tuple(init_args))
+        return BootPlan(tmpfs=False)
     assert root is not None
     rootsize = opts.get("rootsize")
     verify = opts.get("tmpfs.verify")
@@ -266,7 +265,6 @@ def parse_cmdline(text: str) -> BootPlan:
         else DEFAULT_BACKOFF,
         quiet="quiet" in flags,
         bootif=opts.get("BOOTIF"),
-        init_args=tuple(init_args),
         mirror_order=MirrorOrder.parse(mirror_order) if mirror_order is not None else None,
     )
 

@@ -126,7 +126,6 @@ class DownloadResult:
     url: str
     size: int
     requests: int
-    seconds: float
 
 
 def _connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
@@ -256,7 +255,6 @@ class Download:
         the retry budget is spent, RestartRoot when the file changed under a resume.
         Exceptions from SINK propagate unchanged.
         """
-        start = time.monotonic()
         offset = 0
         validator: Validator | None = None
         index = self._next_url(-1)
@@ -315,8 +313,7 @@ class Download:
                             ) from failure
                 finally:
                     conn.close()
-                return DownloadResult(url=final_url, size=offset, requests=self.requests,
-                                      seconds=time.monotonic() - start)
+                return DownloadResult(url=final_url, size=offset, requests=self.requests)
             except PermanentHTTPError as e:
                 self.dead[url] = str(e)
                 index = self._next_url(index)
