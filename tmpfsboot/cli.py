@@ -18,18 +18,19 @@ from . import __version__
 from .boot.cmdline import (
     MirrorOrder,
     NetFacts,
-    Verify,
     choose_mirror_order,
     node_identity,
     order_layers,
     parse_cmdline,
     parse_root,
     parse_timeout,
+    resolve_layers,
 )
 from .boot.contract import DEFAULT_BACKOFF, DEFAULT_TIMEOUT
 from .boot.engine import fetch_root
 from .boot.errors import TmpfsbootError, UsageError
 from .boot.log import EventLog, setup_logging
+from .boot.policy import FetchPolicy, Verify
 
 log = logging.getLogger("tmpfsboot")
 
@@ -73,20 +74,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     layers = parse_root(args.root)
     facts = NetFacts(hostname=args.hostname, fqdn=args.fqdn, mac=args.mac, ip=args.ip,
                      arch=args.arch, uuid=args.uuid)
-    verify = Verify.parse(args.verify) if args.verify else Verify.default_for(args.keyring)
+    policy = FetchPolicy.choose(Verify.parse(args.verify) if args.verify else None,
+                                keyring=args.keyring, retries=args.retries,
+                                timeout=args.timeout, backoff=args.backoff)
     events = EventLog(args.log)
     try:
-        fetch_root(
-            layers,
-            args.dir,
-            facts=facts,
-            verify=verify,
-            keyring=args.keyring,
-            retries=args.retries,
-            timeout=args.timeout,
-            backoff=args.backoff,
-            events=events,
-        )
+        fetch_root(resolve_layers(layers, facts), args.dir, policy, events=events)
     finally:
         events.close()
     return 0

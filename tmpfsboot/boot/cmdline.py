@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from .contract import DEFAULT_BACKOFF, DEFAULT_TIMEOUT
 from .errors import CmdlineError
+from .policy import Verify as Verify  # tmpfs.verify= names one; re-exported for callers
 
 # Substitutions a URL may use; %% is a literal %.
 SUBSTITUTIONS = ("hostname", "fqdn", "mac", "ip", "arch", "uuid")
@@ -24,28 +25,6 @@ _TOKEN = re.compile(r"%(%|[a-z]+|[0-9A-Fa-f]{2})?")
 _HEX2 = re.compile(r"[0-9A-Fa-f]{2}")
 _SIZE = re.compile(r"(?P<num>[0-9]+)(?P<unit>[kKmMgGtTpPeE%]?)")
 
-
-
-class Verify(enum.Enum):
-    """How a layer is verified before the root may boot (as systemd-importd's --verify)."""
-
-    SIGNATURE = "signature"
-    CHECKSUM = "checksum"
-    NO = "no"
-
-    @classmethod
-    def default_for(cls, keyring: str | None) -> Verify:
-        """signature when a keyring is available, else checksum."""
-        return cls.SIGNATURE if keyring else cls.CHECKSUM
-
-    @classmethod
-    def parse(cls, text: str) -> Verify:
-        """The mode named TEXT, or CmdlineError listing the valid ones."""
-        try:
-            return cls(text)
-        except ValueError:
-            valid = "|".join(v.value for v in cls)
-            raise CmdlineError(f"tmpfs.verify={text}: expected {valid}") from None
 
 
 @dataclass(frozen=True)
@@ -287,6 +266,13 @@ def resolve_url(mirror: Mirror, facts: NetFacts) -> str:
         return urllib.parse.quote(value, safe="-._~:")
 
     return _TOKEN.sub(replace, mirror.url)
+
+
+def resolve_layers(layers: Sequence[Layer], facts: NetFacts) -> tuple[tuple[str, ...], ...]:
+    """What the engine fetches: each layer's mirror URLs with every substitution resolved,
+    in the layers' mirror order (spread them first: order_layers). CmdlineError naming the
+    first fact this node does not know, before anything is downloaded."""
+    return tuple(tuple(resolve_url(m, facts) for m in layer.mirrors) for layer in layers)
 
 
 def mac_from_bootif(bootif: str) -> str | None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from .contract import CA_BUNDLES
 from .errors import FetchError, PermanentHTTPError, RestartRoot, TransientFetchError
 from .log import Progress
+from .policy import Wait
 
 log = logging.getLogger("tmpfsboot")
 
@@ -34,7 +35,6 @@ PERMANENT = frozenset({400, 401, 403, 404, 405, 410, 414, 451, 501})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 
 Sink = Callable[[memoryview], None]
-Wait = Callable[[float], None]
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
