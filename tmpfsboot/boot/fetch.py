@@ -231,8 +231,8 @@ def _read_some(resp: http.client.HTTPResponse,
 class Download:
     """One file fetched from a list of mirror URLs into a sink, across failures.
 
-    One run() per Download: it keeps where the transfer is (OFFSET bytes handed to the
-    sink, the VALIDATOR of the file version they came from) so a retry resumes there.
+    While it runs it keeps where the transfer is (OFFSET bytes handed to the sink, the
+    VALIDATOR of the file version they came from) so that a retry resumes there.
     """
 
     def __init__(self, urls: list[str], *, budget: RetryBudget, timeout: float,
@@ -263,6 +263,7 @@ class Download:
         the retry budget is spent, RestartRoot when the file changed under a resume.
         Exceptions from SINK propagate unchanged.
         """
+        self.offset, self.validator, self.progress = 0, None, None
         index = self._next_url(-1)
         while True:
             url = self.urls[index]
