@@ -14,9 +14,10 @@ DEB_PACKAGES := \
 	nginx-light debootstrap shellcheck iproute2 libcap2-bin \
 	debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel \
 	dpkg-dev lintian man-db \
-	squashfs-tools erofs-utils dracut-core dracut-network dracut-live
+	squashfs-tools erofs-utils dracut-core dracut-network dracut-live \
+	isc-dhcp-client iputils-arping
 
-.PHONY: all deps test demo lint bench bench-layers fleet reliability man deb clean
+.PHONY: all deps test demo demo-debian lint bench bench-layers fleet reliability man deb clean
 
 all: test
 
@@ -43,10 +44,15 @@ test: deps
 demo: deps
 	$(BIN)/tmpfsboot demo
 
+# A real Debian 12 with systemd: debootstraps once (about 40 s), then cached.
+demo-debian: deps
+	$(BIN)/tmpfsboot demo --debian
+
 bench: deps
 	$(BIN)/python bench/fetch.py
 	$(BIN)/python bench/extract.py --write
 	$(BIN)/python bench/storm.py --write
+	$(BIN)/python bench/debian.py --write
 
 # 1,000 and 10,000 simulated nodes through three caching nginx in network namespaces.
 fleet: deps
@@ -66,7 +72,7 @@ reliability: deps
 # Manual pages, generated from the argument parser and the parameter tables.
 MANDIR := build/man
 man: deps
-	$(BIN)/python -m tmpfsboot.manpage $(MANDIR)
+	$(BIN)/python -m tmpfsboot.cli.manpage $(MANDIR)
 
 # dist/tmpfsboot_VERSION_all.deb, built with dh + pybuild from a copy of the tree (so
 # dpkg-buildpackage writes nothing beside or inside the worktree), then checked by lintian.

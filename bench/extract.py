@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 
 from fetch import mount_tmpfs, umount, write_section  # noqa: E402
 
-from tmpfsboot.image import TAR_OPTIONS  # noqa: E402
+from tmpfsboot.host.image import TAR_OPTIONS  # noqa: E402
 
 FILES, DIRS, MAX_SIZE = 40_000, 400, 8192
 GNU_TAR = ["tar", "-x", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-f"]

@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tmpfsboot.image import build_image  # noqa: E402
+from tmpfsboot.host.image import build_image  # noqa: E402
 
 # Parts of this host's /usr that make a root of ~800 MB and ~25,000 entries.
 SOURCES = ("usr/bin", "usr/include", "usr/share/doc", "usr/share/locale", "usr/lib/python3",

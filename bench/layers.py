@@ -38,10 +38,10 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from fetch import write_section  # noqa: E402
 
-from tmpfsboot.image import build_image  # noqa: E402
-from tmpfsboot.initramfs import build_initramfs, default_kernel, kernel_image  # noqa: E402
-from tmpfsboot.serve import start_server  # noqa: E402
-from tmpfsboot.vm import boot_vm, guest_url  # noqa: E402
+from tmpfsboot.host.image import build_image  # noqa: E402
+from tmpfsboot.host.initramfs import build_initramfs, default_kernel, kernel_image  # noqa: E402
+from tmpfsboot.host.serve import start_server  # noqa: E402
+from tmpfsboot.host.vm import boot_vm, guest_url  # noqa: E402
 
 CACHE = Path.home() / ".cache/tmpfsboot/bench-layers"
 SUITE = "bookworm"

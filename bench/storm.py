@@ -4,7 +4,7 @@ Each node is a thread running what the boot engine runs for a layer: SHA256SUMS 
 `fetch_bytes`, then the image with the real `Download` and `RetryBudget` (mirror logic,
 Retry-After, back-off, resume), hashing the stream as the engine does and checking it
 against SHA256SUMS. Nodes do not decompress or extract (that costs the node's CPU, not
-the server's). The server is `tmpfsboot.serve.start_server` in a child process, with its
+the server's). The server is `tmpfsboot.host.serve.start_server` in a child process, with its
 stream cap: past it, a node gets 503 + Retry-After and comes back later.
 
 Time is real except the back-off of failures other than 503, which is scaled down
@@ -55,7 +55,7 @@ HEADER = ("| nodes | bytes served | last node done, one server | caches for <= 5
 
 def build_image(outdir: Path, size_mib: int) -> str:
     """A root image of incompressible data through the real image builder; its name."""
-    from tmpfsboot.image import build_image as build
+    from tmpfsboot.host.image import build_image as build
 
     src = outdir / "src"
     (src / "usr/lib").mkdir(parents=True)
@@ -70,7 +70,7 @@ def serve_child(root: str, max_streams: int, retry_after: int,
     """The server process: start, report the port; on "mark" or "stop", report the counts
     of answers by status and the peak of concurrent streams since the last report (read
     from the server's snapshot, taken and its peak restarted on the server's thread)."""
-    from tmpfsboot.serve import start_server
+    from tmpfsboot.host.serve import start_server
 
     server = start_server(Path(root), max_streams=max_streams, retry_after=retry_after,
                           access_log=False)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tmpfsboot.initramfs import build_initramfs, default_kernel, kernel_image
+from tmpfsboot.host.initramfs import build_initramfs, default_kernel, kernel_image
 
 # Boot scripts built into the session's initramfs: each hook directory announces itself
 # with what it can see, so a boot shows the order and the state at each point.

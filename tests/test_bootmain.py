@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,12 +15,15 @@ import pytest
 import tmpfsboot
 from tmpfsboot.boot.cmdline import parse_cmdline
 from tmpfsboot.boot.errors import CmdlineError, ShellRequested, TmpfsbootError
+from tmpfsboot.boot.log import EventLog
 from tmpfsboot.boot.main import (
     Node,
     choose_rootsize,
+    finish_root,
     gather_facts,
     lookup_fqdn,
     main,
+    read_net_conf,
     wait_or_shell,
     write_identity,
 )
@@ -151,16 +156,76 @@ def test_gather_facts_takes_mac_from_bootif(node: Node) -> None:
 
 
 @pytest.mark.unit
-def test_write_identity_keeps_what_the_image_brought(tmp_path: Path) -> None:
-    (tmp_path / "hosts").write_text("image's own\n")
+def test_write_identity_writes_the_initramfs_etc(tmp_path: Path) -> None:
+    (tmp_path / "hosts").write_text("initramfs' own\n")
     conf = NetConf(hostname="node7", domain="lab.example", nameservers=("10.0.2.3",))
-    written = write_identity(str(tmp_path), conf, replace=False)
-    assert written == ["resolv.conf", "hostname"]
-    assert (tmp_path / "hosts").read_text() == "image's own\n"
+    assert write_identity(str(tmp_path), conf) == ["resolv.conf", "hostname", "hosts"]
     assert (tmp_path / "hostname").read_text() == "node7\n"
-    assert write_identity(str(tmp_path), conf, replace=True) == ["resolv.conf", "hostname",
-                                                                 "hosts"]
     assert "node7.lab.example" in (tmp_path / "hosts").read_text()
+
+
+def build_machine_etc(root: Path) -> Path:
+    """A new root's /etc as debootstrap leaves it: the build machine's names and IDs."""
+    etc = root / "etc"
+    etc.mkdir(parents=True)
+    (etc / "hostname").write_text("buildhost\n")
+    (etc / "hosts").write_text("127.0.0.1\tlocalhost\n127.0.1.1\tbuildhost.corp buildhost\n"
+                               "10.9.9.9\tfileserver\n")
+    (etc / "machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    os.symlink("../run/systemd/resolve/stub-resolv.conf", etc / "resolv.conf")
+    return etc
+
+
+UUID7 = "5a1e0007-0000-4000-8000-000000000007"
+
+
+@pytest.mark.unit
+def test_fetch_step_gives_the_new_root_the_nodes_identity(node: Node, tmp_path: Path) -> None:
+    etc = build_machine_etc(tmp_path / "newroot")
+    (Path(node.sys) / "class/dmi/id/product_uuid").write_text(UUID7.upper() + "\n")
+    plan = parse_cmdline("root=http://h/x")
+    facts = gather_facts(plan, read_net_conf(node, "eth0"), node, {})
+    finish_root(str(tmp_path / "newroot"), read_net_conf(node, "eth0"), facts, plan,
+                EventLog(str(tmp_path / "boot.jsonl")))
+    assert (etc / "hostname").read_text() == "node7\n"
+    hosts = (etc / "hosts").read_text()
+    assert "127.0.1.1\tnode7.lab.example\tnode7\n" in hosts
+    assert "buildhost" not in hosts and "10.9.9.9\tfileserver" in hosts
+    assert (etc / "machine-id").read_text() == UUID7.replace("-", "") + "\n"
+    assert stat.S_IMODE((etc / "machine-id").stat().st_mode) == 0o444
+    assert os.readlink(etc / "resolv.conf") == "../run/systemd/resolve/stub-resolv.conf"
+    events = [json.loads(line) for line in (tmp_path / "boot.jsonl").read_text().splitlines()]
+    logged = {e["file"]: e["written"] for e in events if e["event"] == "identity"}
+    assert logged == {"/etc/hostname": True, "/etc/hosts": True, "/etc/machine-id": True,
+                      "/etc/resolv.conf": False}
+    for name in ("dev", "proc", "sys", "run"):
+        assert (tmp_path / "newroot" / name).is_dir()
+
+
+@pytest.mark.unit
+def test_fetch_step_leaves_image_identity_when_asked(node: Node, tmp_path: Path) -> None:
+    etc = build_machine_etc(tmp_path / "newroot")
+    before = {p.name: (p.read_text() if not p.is_symlink() else os.readlink(p))
+              for p in etc.iterdir()}
+    plan = parse_cmdline("root=http://h/x tmpfs.hostname=image tmpfs.machine_id=image")
+    facts = gather_facts(plan, read_net_conf(node, "eth0"), node, {})
+    finish_root(str(tmp_path / "newroot"), read_net_conf(node, "eth0"), facts, plan)
+    after = {p.name: (p.read_text() if not p.is_symlink() else os.readlink(p))
+             for p in etc.iterdir()}
+    assert after == before
+
+
+@pytest.mark.unit
+def test_fetch_step_writes_resolv_conf_over_the_images_file(node: Node, tmp_path: Path) -> None:
+    etc = tmp_path / "newroot/etc"
+    etc.mkdir(parents=True)
+    (etc / "resolv.conf").write_text("nameserver 192.0.2.53\n")  # the build machine's
+    plan = parse_cmdline("root=http://h/x tmpfs.machine_id=00112233445566778899AABBCCDDEEFF")
+    facts = gather_facts(plan, read_net_conf(node, "eth0"), node, {})
+    finish_root(str(tmp_path / "newroot"), read_net_conf(node, "eth0"), facts, plan)
+    assert (etc / "resolv.conf").read_text() == "domain lab.example\nnameserver 10.0.2.3\n"
+    assert (etc / "machine-id").read_text() == "00112233445566778899aabbccddeeff\n"
+    assert (etc / "hosts").read_text().startswith("127.0.0.1\tlocalhost\n127.0.1.1\t")
 
 
 @pytest.mark.unit

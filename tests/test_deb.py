@@ -15,11 +15,11 @@ import pytest
 from helpers_chroot import Chroot, cached_base, fresh_chroot, host_codename, parse_apt_mirror
 
 from tmpfsboot import __version__
-from tmpfsboot.demo import build_demo_root
-from tmpfsboot.image import build_image
-from tmpfsboot.initramfs import LIST_MODULES, PACKAGED_HOOK, render_hook
-from tmpfsboot.serve import start_server
-from tmpfsboot.vm import boot_vm, guest_url
+from tmpfsboot.host.demo import build_demo_root
+from tmpfsboot.host.image import build_image
+from tmpfsboot.host.initramfs import LIST_MODULES, PACKAGED_HOOK, render_hook
+from tmpfsboot.host.serve import start_server
+from tmpfsboot.host.vm import boot_vm, guest_url
 
 pytestmark = pytest.mark.vm
 
@@ -129,10 +129,10 @@ def test_pip_install_dot_still_gives_the_command_and_its_data(tmp_path: Path) ->
                              text=True, check=True).stdout
     assert version.strip() == f"tmpfsboot {__version__}"
     out = tmp_path / "man"
-    subprocess.run([str(venv / "bin/python"), "-m", "tmpfsboot.manpage", str(out)], check=True,
+    subprocess.run([str(venv / "bin/python"), "-m", "tmpfsboot.cli.manpage", str(out)], check=True,
                    capture_output=True)
     assert (out / "tmpfsboot.8").is_file()
-    hook = subprocess.run([str(venv / "bin/python"), "-c", "from tmpfsboot.initramfs import "
+    hook = subprocess.run([str(venv / "bin/python"), "-c", "from tmpfsboot.host.initramfs import "
                            "data_dir; print(data_dir() / 'scripts' / 'tmpfs')"],
                           capture_output=True, text=True, check=True).stdout.strip()
     assert Path(hook).is_file()

@@ -42,7 +42,7 @@ pytestmark = [
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A 4 MiB image of random bytes (incompressible) built by `tmpfsboot image build`."""
-    from tmpfsboot.image import build_image
+    from tmpfsboot.host.image import build_image
 
     src = tmp_path_factory.mktemp("src")
     (src / "usr").mkdir()

@@ -26,13 +26,12 @@ from helpers_image import (
 from tmpfsboot import cli
 from tmpfsboot.boot.contract import parse_sums
 from tmpfsboot.boot.errors import TmpfsbootError, UsageError
-from tmpfsboot.image import (
+from tmpfsboot.host.debootstrap import compose_debootstrap_argv, parse_packages
+from tmpfsboot.host.image import (
     PAGE,
     build_image,
     check_name,
-    compose_debootstrap_argv,
     parse_compression,
-    parse_packages,
 )
 
 H1, H2 = "a" * 64, "b" * 64

@@ -29,7 +29,7 @@ from test_engine import REQUESTS, _serve, fetch, make_tree
 from tmpfsboot.boot.errors import SpaceError, UsageError, VerificationError
 from tmpfsboot.boot.imagelayer import LayerKind, check_order
 from tmpfsboot.boot.log import EventLog
-from tmpfsboot.image import build_image
+from tmpfsboot.host.image import build_image
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ import pytest
 from helpers_https import https_server
 
 from tmpfsboot.boot.imagelayer import MODULES
-from tmpfsboot.initramfs import (
+from tmpfsboot.host.initramfs import (
     INSTALLED,
     build_initramfs,
     data_dir,
@@ -192,7 +192,7 @@ def test_build_without_tmpfs_adds_nothing_and_leaves_etc_untouched(
 def test_mirror_order_goes_into_the_config_and_a_bad_one_stops_the_build(
         tmp_path: Path) -> None:
     from tmpfsboot.boot.errors import UsageError
-    from tmpfsboot.initramfs import prepare_confdir, stage_engine
+    from tmpfsboot.host.initramfs import prepare_confdir, stage_engine
 
     prepare_confdir(tmp_path / "conf", source=tmp_path / "none", mirrors="spread")
     assert "TMPFS_MIRRORS=spread\n" in (tmp_path / "conf/initramfs.conf").read_text()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tmpfsboot.cli import build_parser
-from tmpfsboot.manpage import (
+from tmpfsboot.cli.manpage import (
     BUILD_SETTINGS,
     CMDLINE_HEADER,
     CMDLINE_PARAMETERS,
@@ -31,9 +31,9 @@ PAGES = ("tmpfsboot.8", "tmpfsboot-cmdline.7", "tmpfsboot.conf.5")
 
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The pages as `make man` writes them (python -m tmpfsboot.manpage DIR)."""
+    """The pages as `make man` writes them (python -m tmpfsboot.cli.manpage DIR)."""
     out = tmp_path_factory.mktemp("man")
-    subprocess.run([sys.executable, "-m", "tmpfsboot.manpage", str(out)], check=True,
+    subprocess.run([sys.executable, "-m", "tmpfsboot.cli.manpage", str(out)], check=True,
                    capture_output=True)
     return out
 
@@ -111,7 +111,7 @@ def test_readme_table_is_the_man_page_table(header: tuple[str, str],
                                             rows: tuple[tuple[str, str], ...]) -> None:
     readme = (REPO / "README.md").read_text()
     assert markdown_table(header, rows) in readme, (
-        "README.md's table drifted from tmpfsboot/manpage.py; paste this:\n"
+        "README.md's table drifted from tmpfsboot/cli/manpage.py; paste this:\n"
         + markdown_table(header, rows))
 
 

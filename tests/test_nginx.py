@@ -21,7 +21,7 @@ from helpers_serve import (
     running_nginx,
 )
 
-from tmpfsboot.image import build_image
+from tmpfsboot.host.image import build_image
 
 pytestmark = pytest.mark.skipif(not NGINX.exists(), reason="/usr/sbin/nginx is absent")
 

@@ -28,8 +28,8 @@ from helpers_serve import (
     running_nginx,
 )
 
-from tmpfsboot.image import build_image
-from tmpfsboot.serve import ImageServer, start_server
+from tmpfsboot.host.image import build_image
+from tmpfsboot.host.serve import ImageServer, start_server
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 from helpers_serve import free_port, get, held_streams, raw_request
 
 from tmpfsboot.boot.errors import UsageError
-from tmpfsboot.request import (
+from tmpfsboot.host.request import (
     ByteRange,
     HTTPError,
     UnsatisfiableRange,
@@ -28,7 +28,7 @@ from tmpfsboot.request import (
     parse_request_head,
     resolve_target,
 )
-from tmpfsboot.serve import ImageServer, start_server
+from tmpfsboot.host.serve import ImageServer, start_server
 
 # -- unit -------------------------------------------------------------------------------
 
@@ -455,13 +455,13 @@ def test_serve_verb_refuses_bad_options(tmp_path: Path, argv: list[str]) -> None
 @pytest.mark.parametrize(("text", "rate"), [("0", 0), ("65536", 65536), ("64k", 65536),
                                             ("1M", 1 << 20), ("2g", 2 << 30)])
 def test_parse_rate(text: str, rate: int) -> None:
-    from tmpfsboot.serve import parse_rate
+    from tmpfsboot.cli.serve import parse_rate
     assert parse_rate(text) == rate
 
 
 @pytest.mark.unit
 @pytest.mark.parametrize("text", ["", "k", "1.5k", "-1", "\u0661k", "64kb"])
 def test_parse_rate_refuses(text: str) -> None:
-    from tmpfsboot.serve import parse_rate
+    from tmpfsboot.cli.serve import parse_rate
     with pytest.raises(ValueError):
         parse_rate(text)

@@ -33,7 +33,7 @@ import pytest
 from helpers_hostile import ENV, Answer, ask, minimal_nginx, vm_rss, write_section
 from helpers_serve import NGINX, Nginx, free_port, get, held_streams, read_head
 
-from tmpfsboot.serve import ImageServer, start_server
+from tmpfsboot.host.serve import ImageServer, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -356,7 +356,7 @@ def test_out_of_descriptors_is_503_with_retry_after_then_serves_again(
 
 def test_node_waits_out_a_server_short_of_descriptors_and_boots(
         tmp_path: Path) -> None:
-    from tmpfsboot.image import build_image
+    from tmpfsboot.host.image import build_image
 
     src, images, target = tmp_path / "src", tmp_path / "images", tmp_path / "root"
     (src / "etc").mkdir(parents=True)

@@ -230,8 +230,8 @@ def test_node_layers_spreads_with_the_initramfs_default() -> None:
 @pytest.fixture
 def image_servers(tmp_path: Path) -> Iterator[list[str]]:
     """Two `tmpfsboot serve` instances of one image directory: two mirrors of one layer."""
-    from tmpfsboot.image import build_image
-    from tmpfsboot.serve import start_server
+    from tmpfsboot.host.image import build_image
+    from tmpfsboot.host.serve import start_server
 
     src = tmp_path / "src"
     (src / "etc").mkdir(parents=True)

@@ -24,7 +24,7 @@ from tarcorpus import (
     vendored_archives,
 )
 
-from tmpfsboot.serve import ImageServer, start_server
+from tmpfsboot.host.serve import ImageServer, start_server
 
 pytestmark = pytest.mark.integration
 

@@ -13,11 +13,11 @@ import faultserver
 import pytest
 from helpers_image import throwaway_gpg_key
 
-from tmpfsboot.demo import build_demo_root, build_layer
-from tmpfsboot.image import build_image
-from tmpfsboot.initramfs import build_initramfs
-from tmpfsboot.serve import start_server
-from tmpfsboot.vm import (
+from tmpfsboot.host.demo import build_demo_root, build_layer
+from tmpfsboot.host.image import build_image
+from tmpfsboot.host.initramfs import build_initramfs
+from tmpfsboot.host.serve import start_server
+from tmpfsboot.host.vm import (
     GUEST_PORT,
     GUEST_SERVER,
     BootResult,

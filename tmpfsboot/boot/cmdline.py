@@ -14,6 +14,12 @@ from dataclasses import dataclass
 
 from .contract import DEFAULT_BACKOFF, DEFAULT_TIMEOUT
 from .errors import CmdlineError
+from .identity import (
+    MACHINE_ID_FROM_NODE,
+    HostnameFrom,
+    MachineIdChoice,
+    parse_machine_id_option,
+)
 from .policy import Verify as Verify  # tmpfs.verify= names one; re-exported for callers
 
 # Substitutions a URL may use; %% is a literal %.
@@ -55,6 +61,8 @@ class BootPlan:
     backoff: float = DEFAULT_BACKOFF
     quiet: bool = False
     bootif: str | None = None
+    hostname_from: HostnameFrom = HostnameFrom.NODE
+    machine_id: MachineIdChoice = MACHINE_ID_FROM_NODE
     mirror_order: MirrorOrder | None = None  # tmpfs.mirrors=; None: the initramfs default
 
     @property
@@ -79,6 +87,8 @@ class BootPlan:
             "backoff": self.backoff,
             "quiet": self.quiet,
             "mirror_order": self.mirror_order.value if self.mirror_order else None,
+            "hostname": self.hostname_from.value,
+            "machine_id": self.machine_id.text,
         }
 
 
@@ -233,6 +243,8 @@ def parse_cmdline(text: str) -> BootPlan:
     timeout = opts.get("tmpfs.timeout")
     backoff = opts.get("tmpfs.backoff")
     mirror_order = opts.get("tmpfs.mirrors")
+    hostname_from = opts.get("tmpfs.hostname")
+    machine_id = opts.get("tmpfs.machine_id")
     return BootPlan(
         tmpfs=True,
         layers=parse_root(root),
@@ -244,6 +256,10 @@ def parse_cmdline(text: str) -> BootPlan:
         else DEFAULT_BACKOFF,
         quiet="quiet" in flags,
         bootif=opts.get("BOOTIF"),
+        hostname_from=HostnameFrom.parse(hostname_from) if hostname_from is not None
+        else HostnameFrom.NODE,
+        machine_id=parse_machine_id_option(machine_id) if machine_id is not None
+        else MACHINE_ID_FROM_NODE,
         mirror_order=MirrorOrder.parse(mirror_order) if mirror_order is not None else None,
     )
 

@@ -87,9 +87,12 @@ class Manifest:
     unpacked_size: int
     entries: int
     format: str = "tar"
+    # what `image build` removed of the build machine (host.scrub's record); None: kept
+    identity: dict[str, object] | None = None
 
     def to_json(self) -> dict[str, object]:
         """The manifest as a JSON object (key order as in the file)."""
+        extra = {} if self.identity is None else {"build_identity_removed": self.identity}
         return {
             "name": self.name,
             "file": self.file,
@@ -99,6 +102,7 @@ class Manifest:
             "sha256": self.sha256,
             "unpacked_size": self.unpacked_size,
             "entries": self.entries,
+            **extra,
         }
 
     def render(self) -> bytes:

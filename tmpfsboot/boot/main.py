@@ -7,13 +7,15 @@ Started as ``python3.11 -I -S -m tmpfsboot.boot.main STEP ROOTMNT`` by the boot 
   ``%fqdn`` work), checks ``rootsize=`` (default: ``ROOTSIZE`` from the initramfs
   config) and mounts the empty tmpfs root.
 - ``fetch ROOTMNT``: after the tmpfs-premount hooks. Gathers the node's facts, downloads,
-  verifies and extracts every layer (``engine.fetch_root``), then writes resolv.conf,
-  hostname and hosts into the new root where the image brought none. With squashfs or
-  erofs layers the tmpfs moves to /run/tmpfsboot/layers and an overlay of the images
-  takes its place on ROOTMNT (``imagelayer``).
+  verifies and extracts every layer (``engine.fetch_root``), then writes the node's
+  identity into the new root: hostname, hosts, machine-id, resolv.conf (identity.py).
+  With squashfs or erofs layers the tmpfs moves to /run/tmpfsboot/layers and an
+  overlay of the images takes its place on ROOTMNT (``imagelayer``).
 
 On failure a step prints one line, leaves it in /run/tmpfsboot/error for the boot script
-to hand to initramfs-tools' ``panic``, and exits 1. Standard library only.
+to hand to initramfs-tools' ``panic``, and exits 1 (3 when x was pressed for a shell). The
+dracut glue runs the same steps (TMPFSBOOT_NETCONF=dracut: network facts from dracut's
+files, ``dracutnet``). Standard library only.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from . import dracutnet
 from .cmdline import (
     BootPlan,
     Layer,
@@ -45,7 +48,8 @@ from .cmdline import (
 )
 from .contract import DEFAULT_ROOTSIZE, KEYRING_NAME
 from .errors import CmdlineError, ShellRequested, TmpfsbootError, UsageError
-from .log import EventLog, phase, setup_logging
+from .identity import derive_machine_id, plan_identity, read_image_etc
+from .log import NO_EVENTS, EventLog, phase, setup_logging
 from .netconf import NetConf, parse_net_conf, render_hostname, render_hosts, render_resolv_conf
 from .policy import FetchPolicy
 from .run import run
@@ -57,6 +61,8 @@ log = logging.getLogger("tmpfsboot")
 LAYERS_DIR = "tmpfsboot/layers"
 # Directories /init needs in the new root to move /dev, /proc, /sys and /run into.
 MOUNT_POINTS = ("dev", "proc", "sys", "run")
+# The exit status after x was pressed: the dracut glue opens its emergency shell.
+SHELL_EXIT = 3
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,7 @@ class Node:
     run: str = "/run"
     sys: str = "/sys"
     cmdline: str = "/proc/cmdline"
+    tmp: str = "/tmp"  # dracut's network facts
     set_hostname: bool = True  # the kernel's hostname, from DHCP
 
 
@@ -117,8 +124,13 @@ def wait_or_shell(seconds: float, *, fd: int | None = None) -> None:
         termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
-def read_net_conf(node: Node, device: str | None = None) -> NetConf:
-    """The /run/net-DEVICE.conf of the boot interface (else the first one); empty if none."""
+def read_net_conf(node: Node, device: str | None = None, *, source: str | None = None) -> NetConf:
+    """The /run/net-DEVICE.conf of the boot interface (else the first one); empty if none.
+
+    SOURCE "dracut" (TMPFSBOOT_NETCONF, set by the dracut glue) reads dracut's facts instead.
+    """
+    if source == dracutnet.SOURCE:
+        return read_dracut_net(node, device)
     paths = sorted(glob.glob(f"{node.run}/net-*.conf"))
     preferred = f"{node.run}/net-{device}.conf" if device else None
     if preferred in paths:
@@ -130,30 +142,37 @@ def read_net_conf(node: Node, device: str | None = None) -> NetConf:
     return NetConf()
 
 
-def write_file(path: str, text: str, *, replace: bool = True) -> bool:
-    """Write TEXT to PATH atomically; replace=False keeps an existing file. True if written."""
-    if not replace and os.path.lexists(path):
-        return False
+def read_dracut_net(node: Node, device: str | None) -> NetConf:
+    """dracut's facts about DEVICE: DHCP's options, else its static ip=; empty if none."""
+    if not device:
+        return NetConf()
+    dhcp = read_text(dracutnet.dhcpopts_path(node.tmp, device))
+    if dhcp is not None:
+        return dracutnet.parse_dhcpopts(dhcp, device=device)
+    static = read_text(dracutnet.override_path(node.tmp, device)) or ""
+    return dracutnet.parse_override(static, device=device)
+
+
+def write_file(path: str, text: str) -> None:
+    """Write TEXT to PATH atomically (a symlink at PATH is replaced, not followed)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmpfsboot"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
     os.replace(tmp, path)
-    return True
 
 
-def write_identity(etc: str, conf: NetConf, *, fqdn: str | None = None, replace: bool) -> list[str]:
-    """Write resolv.conf, hostname and hosts under ETC from CONF; returns the names written.
-
-    With replace=False (the new root) a file the image brought is left alone.
-    """
+def write_identity(etc: str, conf: NetConf) -> list[str]:
+    """Write the initramfs' resolv.conf, hostname and hosts under ETC from CONF (so DNS
+    and %fqdn work before the root exists); returns the names written."""
     written = []
     for name, text in (
         ("resolv.conf", render_resolv_conf(conf)),
         ("hostname", render_hostname(conf)),
-        ("hosts", render_hosts(conf, fqdn=fqdn)),
+        ("hosts", render_hosts(conf)),
     ):
-        if text is not None and write_file(os.path.join(etc, name), text, replace=replace):
+        if text is not None:
+            write_file(os.path.join(etc, name), text)
             written.append(name)
     return written
 
@@ -228,8 +247,8 @@ def gather_facts(plan: BootPlan, conf: NetConf, node: Node, env: dict[str, str])
 def step_mount(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) -> None:
     """Write the initramfs' network files, then mount the empty tmpfs root on ROOTMNT."""
     plan = read_plan(node)
-    conf = read_net_conf(node, env.get("DEVICE"))
-    written = write_identity(node.etc, conf, replace=True)
+    conf = read_net_conf(node, env.get("DEVICE"), source=env.get("TMPFSBOOT_NETCONF"))
+    written = write_identity(node.etc, conf)
     if written:
         log.info("Network: %s, wrote /etc/%s", conf.address or "no address",
                  ", /etc/".join(written))
@@ -259,7 +278,7 @@ def node_layers(plan: BootPlan, facts: NetFacts, configured: str | None) -> tupl
 def step_fetch(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) -> None:
     """Fetch, verify and extract every layer into ROOTMNT, then complete the new root's /etc."""
     plan = read_plan(node)
-    conf = read_net_conf(node, env.get("DEVICE"))
+    conf = read_net_conf(node, env.get("DEVICE"), source=env.get("TMPFSBOOT_NETCONF"))
     facts = gather_facts(plan, conf, node, env)
     urls = resolve_layers(node_layers(plan, facts, env.get("TMPFS_MIRRORS")), facts)
     path = os.path.join(node.etc, KEYRING_NAME)
@@ -269,16 +288,28 @@ def step_fetch(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) 
 
     fetch_root(urls, rootmnt, policy, events=events,
                image_mounts=os.path.join(node.run, LAYERS_DIR))
-    finish_root(rootmnt, conf, facts)
+    finish_root(rootmnt, conf, facts, plan, events)
 
 
-def finish_root(rootmnt: str, conf: NetConf, facts: NetFacts) -> None:
-    """Give the new root what booting needs and the image lacks: mount points and /etc files."""
+def finish_root(rootmnt: str, conf: NetConf, facts: NetFacts, plan: BootPlan,
+                events: EventLog = NO_EVENTS) -> None:
+    """Give the new root what booting needs: mount points, and the node's own identity in
+    /etc (hostname, hosts, machine-id, resolv.conf: see identity.py), each decision logged."""
     for name in MOUNT_POINTS:
         os.makedirs(os.path.join(rootmnt, name), mode=0o755, exist_ok=True)
-    written = write_identity(os.path.join(rootmnt, "etc"), conf, fqdn=facts.fqdn, replace=False)
-    if written:
-        log.info("New root: wrote /etc/%s", ", /etc/".join(written))
+    etc = os.path.join(rootmnt, "etc")
+    machine_id = derive_machine_id(plan.machine_id, uuid=facts.uuid, mac=facts.mac)
+    files = plan_identity(read_image_etc(etc), hostname=facts.hostname, fqdn=facts.fqdn,
+                          resolv_conf=render_resolv_conf(conf), machine_id=machine_id,
+                          hostname_from=plan.hostname_from)
+    for f in files:
+        path = os.path.join(etc, f.name)
+        if f.text is not None:
+            write_file(path, f.text)
+            os.chmod(path, f.mode)
+        action = "wrote" if f.text is not None else "left the image's"
+        log.info("New root: %s /etc/%s: %s", action, f.name, f.why)
+        events.write("identity", file=f"/etc/{f.name}", written=f.text is not None, why=f.why)
 
 
 STEPS = {"mount": step_mount, "fetch": step_fetch}
@@ -310,7 +341,10 @@ def describe_start(env: dict[str, str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None, *, node: Node = Node()) -> int:
-    """Run one boot step. On failure: its one-line message in /run/tmpfsboot/error, return 1."""
+    """Run one boot step. On failure: its one-line message in /run/tmpfsboot/error, return 1.
+
+    SHELL_EXIT instead of 1 when x was pressed: the glue opens a shell.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     env = dict(os.environ)
     quiet = "quiet" in (read_text(node.cmdline) or "").split()
@@ -335,7 +369,7 @@ def main(argv: Sequence[str] | None = None, *, node: Node = Node()) -> int:
         events.write("error", step=step, message=str(e))
         write_file(os.path.join(state, "error"), message + "\n")
         print(message, file=sys.stderr)
-        return 1
+        return SHELL_EXIT if isinstance(e, ShellRequested) else 1
     finally:
         events.close()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import shlex
 from dataclasses import dataclass
 
+from .identity import hosts_text
+
 # ipconfig writes 0.0.0.0 for a DNS server the DHCP answer did not name.
 _NO_ADDRESS = ("", "0.0.0.0")
 
@@ -99,16 +101,4 @@ def render_hosts(conf: NetConf, *, fqdn: str | None = None) -> str | None:
     FQDN, when known from reverse DNS, is used where DHCP gave no domain.
     """
     name = conf.short_hostname
-    if not name:
-        return None
-    full = conf.fqdn or fqdn
-    names = f"{full}\t{name}" if full and full != name else name
-    return (
-        "127.0.0.1\tlocalhost\n"
-        f"127.0.1.1\t{names}\n"
-        "\n"
-        "# The following lines are desirable for IPv6 capable hosts\n"
-        "::1     localhost ip6-localhost ip6-loopback\n"
-        "ff02::1 ip6-allnodes\n"
-        "ff02::2 ip6-allrouters\n"
-    )
+    return hosts_text(name, conf.fqdn or fqdn) if name else None

@@ -29,6 +29,7 @@ PACKAGES = {
     "mksquashfs": "squashfs-tools",
     "mkfs.erofs": "erofs-utils",
     "mkinitramfs": "initramfs-tools",
+    "dracut": "dracut-core",
     "qemu-system-x86_64": "qemu-system-x86",
     "debootstrap": "debootstrap",
     "nginx": "nginx-light",

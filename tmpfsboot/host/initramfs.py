@@ -11,7 +11,6 @@ gpgv and the keyring, the CA bundle.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import ctypes
 import ctypes.util
@@ -26,13 +25,16 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .boot.cmdline import MirrorOrder, parse_rootsize
-from .boot.contract import CA_BUNDLES, DEFAULT_ROOTSIZE, KEYRING_NAME
-from .boot.errors import CommandError, TmpfsbootError, UsageError
-from .boot.log import format_bytes, phase
-from .boot.run import find_program, require_program, run
+from ..boot.cmdline import MirrorOrder, parse_rootsize
+from ..boot.contract import CA_BUNDLES, DEFAULT_ROOTSIZE, KEYRING_NAME
+from ..boot.errors import CommandError, TmpfsbootError, UsageError
+from ..boot.log import format_bytes, phase
+from ..boot.run import find_program, require_program, run
 
 log = logging.getLogger("tmpfsboot")
+
+# The tmpfsboot package: its boot/ subpackage is what goes into the initramfs.
+PACKAGE = Path(__file__).resolve().parent.parent
 
 DEFAULT_CONFDIR = Path("/etc/initramfs-tools")
 # Where the Debian package puts the hook (debian/rules); with it, /etc needs no copy.
@@ -50,6 +52,7 @@ HOOK_DIRS = ("tmpfs-top", "tmpfs-premount", "tmpfs-bottom")
 STAGED_FILES = {"scripts/tmpfs": "scripts/tmpfs",
                 "conf/conf.d/zz-tmpfsboot": "conf.d/tmpfsboot"}
 MODULES_CHOICES = ("most", "netboot", "dep", "list")
+GENERATORS = ("initramfs-tools", "dracut")
 # With MODULES=list the NIC drivers of a QEMU guest must be named (most/netboot have them).
 LIST_MODULES = ("virtio_pci", "virtio_net", "af_packet")
 # What no import statement in the engine shows: runpy (for `python -m`) and the codecs,
@@ -201,7 +204,7 @@ def find_nss_dns() -> str | None:
 
 def engine_imports() -> list[str]:
     """The engine's modules and every standard-library module they import anywhere."""
-    boot = Path(__file__).parent / "boot"
+    boot = PACKAGE / "boot"
     names: list[str] = []
     for path in sorted(boot.glob("*.py")):
         names.append(f"tmpfsboot.boot.{path.stem}" if path.stem != "__init__" else "tmpfsboot.boot")
@@ -217,7 +220,7 @@ def stage_python(destdir: Path, *, optimize: int = OPTIMIZE) -> dict[str, list[s
     python = str(PYTHON) if PYTHON.exists() else None
     if python is None:
         raise CommandError(f"{PYTHON}: not found; install the Debian package python3.11-minimal")
-    package_parent = str(Path(__file__).resolve().parent.parent)
+    package_parent = str(PACKAGE.parent)
     argv = [python, "-I", "-S", "-c", _STAGE_SCRIPT, package_parent, str(destdir), str(optimize),
             *engine_imports(), *EXTRA_ROOTS]
     proc = run(argv, capture=True)
@@ -407,86 +410,3 @@ def build_initramfs(
 
 
 # ----- command line -----
-
-
-def cmd_install(args: argparse.Namespace) -> int:
-    """`tmpfsboot initramfs install [--confdir DIR] [--remove]`."""
-    confdir = Path(args.confdir)
-    if not args.remove and confdir == DEFAULT_CONFDIR and PACKAGED_HOOK.exists():
-        raise UsageError(f"{PACKAGED_HOOK}: the tmpfsboot package's hook is installed; set "
-                         f"TMPFS=y in {confdir}/conf.d instead of adding a second hook")
-    if args.remove:
-        for path in remove_files(confdir):
-            print(f"removed {path}")
-        return 0
-    changed = install_files(confdir)
-    for path in changed:
-        print(f"installed {path}")
-    if not changed:
-        print(f"tmpfsboot is installed in {confdir} already")
-    return 0
-
-
-def cmd_build(args: argparse.Namespace) -> int:
-    """`tmpfsboot initramfs build -o FILE ...`."""
-    build_initramfs(
-        Path(args.output),
-        kernel=args.kernel,
-        modules=args.modules,
-        rootsize=args.rootsize,
-        keyring=Path(args.keyring) if args.keyring else None,
-        scripts=Path(args.scripts) if args.scripts else None,
-        source=Path(args.confdir),
-        mirrors=args.mirrors,
-    )
-    print(args.output)
-    return 0
-
-
-def cmd_stage(args: argparse.Namespace) -> int:
-    """`tmpfsboot initramfs stage --destdir DIR`: called by the hook; prints the programs."""
-    staged = stage_engine(Path(args.destdir), rootsize=args.rootsize,
-                          keyring=Path(args.keyring) if args.keyring else None,
-                          mirrors=args.mirrors)
-    log.info("%d Python modules (%s of .pyc)", len(staged.modules),
-             format_bytes(staged.pyc_bytes))
-    sys.stdout.write("".join(f"{p}\n" for p in staged.programs))
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `tmpfsboot initramfs install|build|stage`."""
-    p = subparsers.add_parser("initramfs", help="install into initramfs-tools, build an initramfs",
-                              description=__doc__.splitlines()[0] if __doc__ else None)
-    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-
-    q = sub.add_parser("install", help="put the hook, boot script and conf.d snippet into "
-                       "initramfs-tools' configuration (idempotent)")
-    q.add_argument("--confdir", default=str(DEFAULT_CONFDIR), metavar="DIR",
-                   help=f"configuration directory (default: {DEFAULT_CONFDIR})")
-    q.add_argument("--remove", action="store_true", help="remove what install put there")
-    q.set_defaults(func=cmd_install)
-
-    q = sub.add_parser("build", help="build an initramfs with mkinitramfs -d on a private copy "
-                       "of the configuration (/etc untouched)")
-    q.add_argument("-o", "--output", required=True, metavar="FILE")
-    q.add_argument("--kernel", metavar="VERSION", help="default: the newest in /boot")
-    q.add_argument("--modules", choices=MODULES_CHOICES, default="list",
-                   help="initramfs-tools' MODULES (default: list, plus virtio_pci virtio_net)")
-    q.add_argument("--keyring", metavar="FILE", help="TMPFS_KEYRING: gpgv keyring to include")
-    q.add_argument("--rootsize", metavar="SIZE", help="ROOTSIZE: default tmpfs size "
-                   f"({DEFAULT_ROOTSIZE.replace('%', '%%')})")
-    q.add_argument("--mirrors", choices=[m.value for m in MirrorOrder],
-                   help="TMPFS_MIRRORS: default mirror order (ordered; spread: per node by "
-                   "rendezvous hashing)")
-    q.add_argument("--scripts", metavar="DIR", help="extra boot scripts, e.g. DIR/tmpfs-top/NAME")
-    q.add_argument("--confdir", default=str(DEFAULT_CONFDIR), metavar="DIR",
-                   help=f"configuration to copy (default: {DEFAULT_CONFDIR})")
-    q.set_defaults(func=cmd_build)
-
-    q = sub.add_parser("stage", help=argparse.SUPPRESS)
-    q.add_argument("--destdir", required=True)
-    q.add_argument("--rootsize", default=DEFAULT_ROOTSIZE)
-    q.add_argument("--mirrors", default=MirrorOrder.ORDERED.value)
-    q.add_argument("--keyring")
-    q.set_defaults(func=cmd_stage)

@@ -14,10 +14,10 @@ import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from . import __version__
-from .boot.cmdline import SUBSTITUTIONS
-from .boot.contract import DEFAULT_BACKOFF, DEFAULT_ROOTSIZE
-from .initramfs import HOOK_DIRS, MODULES_CHOICES
+from .. import __version__
+from ..boot.cmdline import SUBSTITUTIONS
+from ..boot.contract import DEFAULT_BACKOFF, DEFAULT_ROOTSIZE
+from ..host.initramfs import HOOK_DIRS, MODULES_CHOICES
 
 Row = tuple[str, str]
 
@@ -42,6 +42,15 @@ CMDLINE_PARAMETERS: tuple[Row, ...] = (
     ("`tmpfs.backoff=SECONDS`", f"first retry delay, doubled each time, jittered (default "
      f"{DEFAULT_BACKOFF:g}: the seed's 10-39 s); a server's `Retry-After` sets the delay "
      "instead. Pressing `x` while the boot waits opens a shell"),
+    ("`tmpfs.hostname=node\\|image`", "`node` (default): the new root's `/etc/hostname` is "
+     "the DHCP (or `ip=`) name and `/etc/hosts` names it on 127.0.1.1; `image`: both left as "
+     "the image has them"),
+    ("`tmpfs.machine_id=node\\|random\\|image\\|HEX`", "`node` (default): "
+     "`/etc/machine-id` is the SMBIOS product UUID, as systemd derives it in a VM (stable "
+     "across reboots, distinct between machines), or a hash of the boot NIC's MAC where the "
+     "UUID is missing or a placeholder (all 0, all F, "
+     "`03000200-0400-0500-0006-000700080009`); `random`: new each boot; `image`: the "
+     "image's; 32 hex digits: that one"),
     ("`panic=N quiet ip= BOOTIF= break=`", "initramfs-tools' own, honoured as usual"),
 )
 
@@ -275,7 +284,7 @@ changes no initramfs until TMPFS=y is set.
 
 def render_pages() -> dict[str, str]:
     """File name -> roff text of every page."""
-    from .cli import build_parser  # the CLI imports every verb module; the pages need them
+    from . import build_parser  # the CLI imports every verb module; the pages need them
 
     return {
         "tmpfsboot.8": render_tmpfsboot_8(build_parser()),

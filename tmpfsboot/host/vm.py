@@ -18,8 +18,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .boot.errors import UsageError
-from .boot.run import require_program, spawn
+from ..boot.errors import UsageError
+from ..boot.run import require_program, spawn
 
 log = logging.getLogger("tmpfsboot")
 
@@ -71,20 +71,23 @@ def qemu_argv(
     append: Sequence[str],
     server_port: int | None,
     hostname: str | None = None,
+    uuid: str | None = None,
     memory: str = "1G",
     accel: str | None = None,
     qemu: str = "qemu-system-x86_64",
     busybox: str = "/bin/busybox",
 ) -> list[str]:
-    """The QEMU command line for one boot (see the module docstring)."""
+    """The QEMU command line for one boot (see the module docstring). UUID sets the
+    SMBIOS system UUID the guest reads in /sys/class/dmi/id/product_uuid."""
     netdev = "user,id=n0,restrict=on"
     if hostname:
         netdev += f",hostname={hostname}"
     if server_port is not None:
         netdev += (f",guestfwd=tcp:{GUEST_SERVER}:{GUEST_PORT}-"
                    f"cmd:{busybox} nc 127.0.0.1 {server_port}")
+    smbios = ["-uuid", uuid] if uuid else []
     return [
-        qemu, "-accel", accel or choose_accel(), "-smp", "1", "-m", memory,
+        qemu, "-accel", accel or choose_accel(), "-smp", "1", "-m", memory, *smbios,
         "-nodefaults", "-display", "none", "-serial", "stdio", "-no-reboot",
         "-kernel", str(kernel), "-initrd", str(initrd),
         "-append", " ".join([*BASE_APPEND, *append]),
@@ -99,6 +102,7 @@ def boot_vm(
     append: Sequence[str] = (),
     server_port: int | None = None,
     hostname: str | None = None,
+    uuid: str | None = None,
     timeout: float = 120.0,
     memory: str = "1G",
     echo: Callable[[str], None] | None = None,
@@ -112,7 +116,7 @@ def boot_vm(
         if not path.exists():
             raise UsageError(f"{path}: no such file")
     argv = qemu_argv(kernel, initrd, append=append, server_port=server_port, hostname=hostname,
-                     memory=memory, qemu=require_program("qemu-system-x86_64"),
+                     uuid=uuid, memory=memory, qemu=require_program("qemu-system-x86_64"),
                      busybox=require_program("busybox"))
     start = time.monotonic()
     proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

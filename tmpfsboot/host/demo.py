@@ -8,21 +8,21 @@ ends it by saying where it runs.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import secrets
 import shutil
-import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .boot.errors import TmpfsbootError
-from .boot.run import require_program
+from ..boot.errors import TmpfsbootError
+from ..boot.run import require_program
 from .initramfs import build_initramfs, default_kernel, kernel_image
 from .vm import BootResult, boot_vm, guest_url
 
 log = logging.getLogger("tmpfsboot")
+
+# The Debian demo node's SMBIOS UUID: its machine-id is derived from it.
+DEMO_UUID = "7a3f0c1e-0001-4000-8000-000000000001"
 
 # Applets the demo root links to /bin/busybox.
 APPLETS = ("sh", "cat", "echo", "hostname", "poweroff", "mount", "grep", "sed", "sleep",
@@ -52,6 +52,9 @@ poweroff -f
 """
 
 
+OS_RELEASE = 'NAME="tmpfsboot demo"\nID=tmpfsboot-demo\nPRETTY_NAME="tmpfsboot demo root"\n'
+
+
 def write_file(path: Path, text: str, *, mode: int = 0o644) -> None:
     """Write TEXT to PATH (parents created) with MODE."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -73,6 +76,8 @@ def build_demo_root(dest: Path, *, nonce: str) -> Path:
     write_file(dest / "sbin" / "init", INIT_SCRIPT, mode=0o755)
     write_file(dest / "etc" / "tmpfsboot-demo" / "nonce", nonce + "\n")
     write_file(dest / "etc" / "tmpfsboot-demo" / "layers", "base\n")
+    # systemd's switch-root (dracut's systemd flavour) refuses a root without os-release
+    write_file(dest / "etc" / "os-release", OS_RELEASE)
     return dest
 
 
@@ -120,30 +125,3 @@ def run_demo(
     if f"NONCE: {nonce}" not in result.console:
         raise TmpfsbootError("the demo root did not come up: see the console above")
     return result
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """`tmpfsboot demo`."""
-    start = time.monotonic()
-    if args.workdir:
-        workdir = Path(args.workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        run_demo(workdir, hostname=args.hostname, kernel=args.kernel, timeout=args.timeout)
-    else:
-        with tempfile.TemporaryDirectory(prefix="tmpfsboot-demo.") as tmp:
-            run_demo(Path(tmp), hostname=args.hostname, kernel=args.kernel,
-                     timeout=args.timeout)
-    print(f"tmpfsboot demo: done in {time.monotonic() - start:.1f} s")
-    return 0
-
-
-def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add `tmpfsboot demo`."""
-    p = subparsers.add_parser("demo", help="build, serve and boot a disk-less node in QEMU",
-                              description=__doc__.splitlines()[0] if __doc__ else None)
-    p.add_argument("--hostname", default="node1", help="the node's DHCP hostname (node1)")
-    p.add_argument("--kernel", metavar="VERSION", help="default: the newest in /boot")
-    p.add_argument("--workdir", metavar="DIR", help="keep images and initramfs in DIR")
-    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
-                   help="give up on the VM after S seconds (300)")
-    p.set_defaults(func=cmd_demo)

@@ -13,25 +13,22 @@ SHA256SUMS naming one) under a final name.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import hashlib
 import logging
 import os
-import re
-import shutil
 import stat
 import subprocess
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .boot.compression import Compression
-from .boot.contract import (
+from ..boot.compression import Compression
+from ..boot.contract import (
     MANIFEST_SUFFIX,
     NAME_RE,
     SIGNATURE_NAME,
@@ -40,10 +37,11 @@ from .boot.contract import (
     parse_sums,
     render_sums,
 )
-from .boot.errors import CommandError, TmpfsbootError, UsageError
-from .boot.log import Progress, format_bytes, phase
-from .boot.run import require_program, run, spawn, wait_stage
-from .fsimage import FORMAT_CHOICES, FORMATS, FsFormat, parse_format, write_fs_image
+from ..boot.errors import TmpfsbootError, UsageError
+from ..boot.log import Progress, format_bytes, phase
+from ..boot.run import require_program, run, spawn, wait_stage
+from .fsimage import FsFormat, parse_format, write_fs_image
+from .scrub import scrubbed_tree
 
 log = logging.getLogger("tmpfsboot")
 
@@ -128,6 +126,14 @@ def parse_compression(text: str) -> Compressor:
                          f"{', '.join(COMPRESSORS)}") from None
 
 
+def check_format(fmt: str, compression: str | None) -> None:
+    """UsageError naming FMT or COMPRESSION unless build_image can make that image."""
+    if fmt == "tar":
+        parse_compression(compression or "zstd")
+    else:
+        parse_format(fmt, compression)
+
+
 @dataclass(frozen=True)
 class TreeFigures:
     """What a source tree will need once unpacked in a tmpfs."""
@@ -143,6 +149,24 @@ def check_name(name: str) -> str:
         raise UsageError(f"image name {name!r}: use letters, digits and . _ + -, "
                          "starting with a letter or digit")
     return name
+
+
+def check_source(src: Path, outdir: Path) -> Path:
+    """SRC resolved, if it is a directory and OUTDIR is not inside it; UsageError otherwise."""
+    if not src.is_dir():
+        raise UsageError(f"{src}: not a directory")
+    src = src.resolve()
+    if outdir.resolve() == src or outdir.resolve().is_relative_to(src):
+        raise UsageError(f"{outdir}: the output directory is inside the source tree {src}")
+    return src
+
+
+def prepare_output(outdir: Path) -> None:
+    """Create OUTDIR (and its parents) unless it exists, as mkosi does; UsageError if it
+    is something else than a directory."""
+    if outdir.exists() and not outdir.is_dir():
+        raise UsageError(f"{outdir}: not a directory")
+    outdir.mkdir(parents=True, exist_ok=True)
 
 
 def round_up_to_pages(n: int) -> int:
@@ -363,7 +387,7 @@ def write_tarball(src: Path, out: IO[bytes], compression: Compressor, *,
 def build_image(src: Path, outdir: Path, name: str, *, compression: str | None = None,
                 sign: str | None = None, gpg_homedir: Path | None = None,
                 level: int | None = None, include_root: bool = True,
-                fmt: str = "tar") -> Path:
+                fmt: str = "tar", identity: dict[str, object] | None = None) -> Path:
     """Build OUTDIR/NAME.tar.<zst|xz|gz> from the tree SRC; returns the image's path.
     With FMT squashfs or erofs: OUTDIR/NAME.squashfs or NAME.erofs (see fsimage).
 
@@ -374,6 +398,7 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str | None =
     Also writes OUTDIR/NAME.manifest.json, sets the image's line in OUTDIR/SHA256SUMS
     (other images' lines are kept) and, with SIGN (a gpg key id), re-signs SHA256SUMS as
     OUTDIR/SHA256SUMS.gpg. Nothing appears under a final name before it is complete.
+    IDENTITY, what was scrubbed of the build machine, goes into the manifest.
     """
     check_name(name)
     fs: FsFormat | None = None
@@ -382,13 +407,8 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str | None =
         comp = parse_compression(compression)
     else:
         fs, compression = parse_format(fmt, compression)
-    if not src.is_dir():
-        raise UsageError(f"{src}: not a directory")
-    if not outdir.is_dir():
-        raise UsageError(f"{outdir}: not a directory")
-    src = src.resolve()
-    if outdir.resolve() == src or outdir.resolve().is_relative_to(src):
-        raise UsageError(f"{outdir}: the output directory is inside the source tree {src}")
+    src = check_source(src, outdir)
+    prepare_output(outdir)
     if sign is not None:
         check_signing_key(sign, gpg_homedir)
     file = name + (comp.suffix if fs is None else fs.suffix)
@@ -417,7 +437,7 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str | None =
         os.chmod(tmp, 0o644)
         manifest = Manifest(name=name, file=file, compression=compression,
                             size=size, sha256=sha256, unpacked_size=figures.unpacked_size,
-                            entries=figures.entries, format=fmt)
+                            entries=figures.entries, format=fmt, identity=identity)
         with lock_directory(outdir):
             os.replace(tmp, image)
             write_atomically(outdir / f"{name}{MANIFEST_SUFFIX}",
@@ -431,142 +451,20 @@ def build_image(src: Path, outdir: Path, name: str, *, compression: str | None =
     return image
 
 
-def list_mounts_under(path: Path) -> list[Path]:
-    """Mount points at or below PATH, deepest first (from /proc/self/mountinfo)."""
-    found: list[Path] = []
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        for line in f:
-            # Field 5 is the mount point, with space, tab, newline and \ octal-escaped.
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)),
-                           line.split()[4])
-            p = Path(point)
-            if p == path or p.is_relative_to(path):
-                found.append(p)
-    return sorted(found, key=lambda p: len(p.parts), reverse=True)
-
-
-def remove_tree(path: Path) -> None:
-    """Delete a debootstrap target, unmounting what debootstrap left mounted in it first
-    (a failed run can leave /proc and /sys there: never delete through a mount)."""
-    for point in list_mounts_under(path):
-        run(["umount", "--lazy", str(point)], check=False)
-    if left := list_mounts_under(path):
-        raise CommandError(f"{left[0]}: still mounted; not removing {path}")
-    shutil.rmtree(path)
-
-
-def compose_debootstrap_argv(suite: str, target: Path, *, variant: str | None,
-                     include: Sequence[str], mirror: str | None) -> list[str]:
-    """The debootstrap command that makes a root of SUITE in TARGET."""
-    argv = ["debootstrap"]
-    if variant:
-        argv.append(f"--variant={variant}")
-    if include:
-        argv.append("--include=" + ",".join(include))
-    argv += [suite, str(target)]
-    if mirror:
-        argv.append(mirror)
-    return argv
-
-
-def parse_packages(text: str | None) -> list[str]:
-    """--include's comma- or space-separated package list."""
-    if not text:
-        return []
-    pkgs = [p for p in re.split(r"[,\s]+", text) if p]
-    for p in pkgs:
-        if not re.fullmatch(r"[a-z0-9][a-z0-9.+-]*(:[a-z0-9-]+)?", p):
-            raise UsageError(f"--include: {p!r} is not a Debian package name")
-    return pkgs
-
-
-def build_debootstrap_image(suite: str, outdir: Path, name: str, *, variant: str | None,
-                            include: Sequence[str], mirror: str | None,
-                            compression: str | None, sign: str | None,
-                            gpg_homedir: Path | None, level: int | None,
-                            fmt: str = "tar") -> Path:
-    """Debootstrap SUITE into a scratch directory beside OUTDIR's images, build the image
-    from it, and remove the scratch directory."""
+def build_tree_image(src: Path, outdir: Path, name: str, *, keep_identity: bool = False,
+                     compression: str | None = None, sign: str | None = None,
+                     gpg_homedir: Path | None = None, level: int | None = None,
+                     include_root: bool = True, fmt: str = "tar") -> Path:
+    """build_image of the tree SRC with the build machine's identity left out (unless
+    KEEP_IDENTITY): SRC itself is never changed, the image is made from a scrubbed view."""
+    if keep_identity:
+        return build_image(src, outdir, name, compression=compression, sign=sign,
+                           gpg_homedir=gpg_homedir, level=level, include_root=include_root,
+                           fmt=fmt)
     check_name(name)
-    if fmt == "tar":
-        parse_compression(compression or "zstd")
-    else:
-        parse_format(fmt, compression)
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]*", suite):
-        raise UsageError(f"--debootstrap {suite!r}: not a suite name")
-    if not outdir.is_dir():
-        raise UsageError(f"{outdir}: not a directory")
-    require_program("debootstrap")
-    target = Path(tempfile.mkdtemp(dir=outdir, prefix=f".{name}.debootstrap."))
-    try:
-        with phase(f"Debootstrapping {suite} into {target}"):
-            run(compose_debootstrap_argv(suite, target, variant=variant, include=include,
-                                 mirror=mirror))
-        return build_image(target, outdir, name, compression=compression, sign=sign,
-                           gpg_homedir=gpg_homedir, level=level, fmt=fmt)
-    finally:
-        remove_tree(target)
-
-
-def cmd_image_build(args: argparse.Namespace) -> int:
-    """`image build` and `image layer`: one code path."""
-    outdir = Path(args.output)
-    gpg_homedir = Path(args.gpg_homedir) if args.gpg_homedir else None
-    if getattr(args, "debootstrap", None):
-        build_debootstrap_image(args.debootstrap, outdir, args.name, variant=args.variant,
-                                include=parse_packages(args.include), mirror=args.mirror,
-                                compression=args.compression, sign=args.sign,
-                                gpg_homedir=gpg_homedir, level=args.level,
-                                fmt=args.format)
-    else:
-        if getattr(args, "variant", None) or getattr(args, "include", None) or getattr(
-                args, "mirror", None):
-            raise UsageError("--variant, --include and --mirror go with --debootstrap")
-        build_image(Path(args.source), outdir, args.name, compression=args.compression,
-                    sign=args.sign, gpg_homedir=gpg_homedir, level=args.level,
-                    include_root=args.include_root, fmt=args.format)
-    return 0
-
-
-def _add_output_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output", required=True, metavar="OUTDIR",
-                   help="directory of images: gets NAME.tar.*, NAME.manifest.json, "
-                   "SHA256SUMS (and SHA256SUMS.gpg with --sign)")
-    p.add_argument("--name", required=True, help="image name (file name without .tar.*)")
-    p.add_argument("--compression", metavar="NAME",
-                   help=f"tar: {', '.join(COMPRESSORS)}; squashfs: "
-                   f"{', '.join(FORMATS['squashfs'].compressions)}; erofs: "
-                   f"{', '.join(FORMATS['erofs'].compressions)} (default: the first)")
-    p.add_argument("--level", type=int, metavar="N",
-                   help="compression level (default: zstd 9, xz 6, gzip 6)")
-    p.add_argument("--sign", metavar="KEYID", help="sign SHA256SUMS with this gpg key")
-    p.add_argument("--gpg-homedir", metavar="DIR", help="gpg home directory for --sign")
-    p.set_defaults(func=cmd_image_build)
-
-
-def add_parser(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Register `image build` and `image layer`."""
-    image = subparsers.add_parser("image", help="build root images and per-host layers")
-    verbs = image.add_subparsers(dest="image_verb", required=True, metavar="VERB")
-
-    p = verbs.add_parser("build", help="build a root image from a directory or debootstrap",
-                         description="Build a compressed root image, its manifest and "
-                         "SHA256SUMS line, from a directory or a fresh debootstrap.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--from", dest="source", metavar="DIR", help="the root tree")
-    src.add_argument("--debootstrap", metavar="SUITE", help="debootstrap this suite")
-    p.add_argument("--variant", help="debootstrap --variant (e.g. minbase)")
-    p.add_argument("--include", metavar="PKGS", help="debootstrap --include (comma-separated)")
-    p.add_argument("--mirror", metavar="URL", help="debootstrap mirror")
-    _add_output_options(p)
-    p.add_argument("--format", choices=FORMAT_CHOICES, default="tar",
-                   help="tar (a compressed tarball, extracted at boot), or squashfs or "
-                   "erofs (kept in RAM and mounted under an overlay); default: tar")
-    p.set_defaults(include_root=True)
-
-    p = verbs.add_parser("layer", help="build a small layer (e.g. per host) from a directory",
-                         description="Build a layer image from a small tree of files: the "
-                         "same outputs as `image build`.")
-    p.add_argument("--from", dest="source", metavar="DIR", required=True, help="the tree")
-    _add_output_options(p)
-    p.set_defaults(include_root=False, format="tar")
+    check_format(fmt, compression)
+    check_source(src, outdir)
+    with scrubbed_tree(src, in_place=False) as (tree, scrub):
+        return build_image(tree, outdir, name, compression=compression, sign=sign,
+                           gpg_homedir=gpg_homedir, level=level, include_root=include_root,
+                           fmt=fmt, identity=scrub.to_json())

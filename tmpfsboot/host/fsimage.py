@@ -13,9 +13,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .boot.errors import UsageError
-from .boot.imagelayer import LayerKind
-from .boot.run import require_program, run
+from ..boot.errors import UsageError
+from ..boot.imagelayer import LayerKind
+from ..boot.run import require_program, run
 
 # erofs has no per-file mtime in its compact inodes and erofs-utils 1.5 writes its build
 # time into the superblock: a fixed time (SOURCE_DATE_EPOCH's meaning) makes the same

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from . import __version__
+from .. import __version__
 from .request import (
     MAX_HEAD,
     REASONS,
