@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 from archives import compress, gnu_tar, make_tree, snapshot, tree_size
 
-from tmpfsboot.boot.cmdline import NetFacts, Verify, parse_root
+from tmpfsboot.boot.cmdline import NetFacts, parse_root, resolve_layers
 from tmpfsboot.boot.engine import fetch_root
+from tmpfsboot.boot.policy import FetchPolicy, Verify
 
 BACKOFF = 0.01
 REPO = Path(__file__).resolve().parent.parent
@@ -94,10 +95,11 @@ def fetch(root: str, scene: Scene, *, retries: int | None = 3, timeout: float = 
           verify: Verify = Verify.CHECKSUM, keyring: str | None = None,
           sleep: bool = False, preflight: bool = True, facts: NetFacts | None = None) -> None:
     """Run the real engine on ROOT (what follows root=) into the scene's target."""
-    fetch_root(parse_root(root), str(scene.target), facts=facts or NetFacts(),
-               verify=verify, keyring=keyring, retries=retries, timeout=timeout,
-               backoff=BACKOFF, preflight=preflight,
-               wait=time.sleep if sleep else scene.wait)
+    policy = FetchPolicy(verify=verify, keyring=keyring, retries=retries, timeout=timeout,
+                         backoff=BACKOFF, preflight=preflight,
+                         wait=time.sleep if sleep else scene.wait)
+    fetch_root(resolve_layers(parse_root(root), facts or NetFacts()), str(scene.target),
+               policy)
 
 
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:

@@ -50,7 +50,7 @@ new_subnet_mask=255.255.255.0
 
 PARSE_CASES = [
     (QEMU_DHCPOPTS, NetConf(device="eth0", address="10.0.2.15", hostname="node7",
-                            nameservers=("10.0.2.3",), gateway="10.0.2.2")),
+                            nameservers=("10.0.2.3",))),
     # dash quotes every value; several servers, a domain and a search list
     ("new_ip_address='192.0.2.7'\nnew_domain_name='lab.example'\n"
      "new_domain_name_servers='192.0.2.1 192.0.2.2'\nnew_domain_search='lab.example example.org'\n"
@@ -58,8 +58,7 @@ PARSE_CASES = [
      "new_filename='pxelinux.0'\n",
      NetConf(device="eth0", address="192.0.2.7", hostname="n1.lab.example",
              domain="lab.example", nameservers=("192.0.2.1", "192.0.2.2"),
-             search=("lab.example", "example.org"), gateway="192.0.2.254",
-             filename="pxelinux.0")),
+             search=("lab.example", "example.org"))),
     # not new_*, not assignments, an unbalanced quote, empty values: ignored
     ("old_ip_address=1.2.3.4\ngarbage\nnew_host_name='broken\nnew_domain_name=\n",
      NetConf(device="eth0")),
@@ -98,8 +97,7 @@ dns1="192.0.2.53"
 
 OVERRIDE_CASES = [
     (STATIC_OVERRIDE, NetConf(device="eth1", address="192.0.2.9", hostname="n9.lab.example",
-                              domain="lab.example", nameservers=("192.0.2.53",),
-                              gateway="192.0.2.1")),
+                              domain="lab.example", nameservers=("192.0.2.53",))),
     ('ip="192.0.2.9"\nhostname="n9"\ngarbage\nmtu="broken\n',
      NetConf(device="eth1", address="192.0.2.9", hostname="n9")),
     ("", NetConf(device="eth1")),

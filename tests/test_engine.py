@@ -20,10 +20,11 @@ from pathlib import Path
 import pytest
 from helpers_image import mounted_tmpfs
 
-from tmpfsboot.boot.cmdline import NetFacts, Verify, parse_root
+from tmpfsboot.boot.cmdline import NetFacts, parse_root, resolve_layers
 from tmpfsboot.boot.engine import fetch_root
 from tmpfsboot.boot.errors import CommandError, PermanentHTTPError, UsageError
-from tmpfsboot.boot.log import EventLog
+from tmpfsboot.boot.log import NO_EVENTS, EventLog
+from tmpfsboot.boot.policy import FetchPolicy, Verify
 
 pytestmark = pytest.mark.integration
 
@@ -121,11 +122,13 @@ CASES = [(name, compressor, tools, how)
          for tools, how in (("tools", with_tools), ("stdlib", stdlib)) if how]
 
 
-def fetch(url: str, target: Path, **kwargs: object) -> None:
-    options: dict[str, object] = dict(facts=NetFacts(), verify=Verify.CHECKSUM, keyring=None,
-                                      retries=0, timeout=5.0, backoff=0.01)
-    options.update(kwargs)
-    fetch_root(parse_root(url), str(target), **options)  # type: ignore[arg-type]
+def fetch(url: str, target: Path, *, facts: NetFacts | None = None,
+          verify: Verify = Verify.CHECKSUM, retries: int = 0, events: EventLog = NO_EVENTS,
+          image_mounts: str | None = None) -> None:
+    """The engine on URL (what follows root=), by default without retries; short back-off."""
+    policy = FetchPolicy(verify=verify, retries=retries, timeout=5.0, backoff=0.01)
+    fetch_root(resolve_layers(parse_root(url), facts or NetFacts()), str(target), policy,
+               events=events, image_mounts=image_mounts)
 
 
 @pytest.mark.parametrize(("name", "compressor", "tools", "how"), CASES,

@@ -22,8 +22,8 @@ from faultserver import error, flip, ignore_range, reset, serve, short, stall, s
 from helpers_faults import BACKOFF, GpgKey, Root, Scene, fetch  # noqa: E402
 from reliability import Matrix  # noqa: E402
 
-from tmpfsboot.boot.cmdline import Verify  # noqa: E402
 from tmpfsboot.boot.errors import FetchError, PermanentHTTPError, VerificationError  # noqa: E402
+from tmpfsboot.boot.policy import Verify  # noqa: E402
 
 pytest_plugins = ["reliability", "helpers_faults"]
 pytestmark = pytest.mark.integration

@@ -151,11 +151,12 @@ def test_initramfs_engine_fetches_over_https_with_its_own_tools(initrd: Path,
     (root / "target").mkdir()
     with https_server(www, tmp_path) as (base, ca):
         shutil.copy(ca, root / "test-ca.pem")
-        code = ("import sys; from tmpfsboot.boot.cmdline import NetFacts, Verify, parse_root; "
-                "from tmpfsboot.boot.engine import fetch_root; "
+        code = ("import sys; from tmpfsboot.boot.cmdline import NetFacts, parse_root, "
+                "resolve_layers; from tmpfsboot.boot.engine import fetch_root; "
+                "from tmpfsboot.boot.policy import FetchPolicy, Verify; "
                 "from tmpfsboot.boot.log import setup_logging; setup_logging(); "
-                "fetch_root(parse_root(sys.argv[1]), '/target', facts=NetFacts(), "
-                "verify=Verify.CHECKSUM, keyring=None, retries=0, timeout=10)")
+                "fetch_root(resolve_layers(parse_root(sys.argv[1]), NetFacts()), '/target', "
+                "FetchPolicy(Verify.CHECKSUM, retries=0, timeout=10))")
         out = subprocess.run(["chroot", str(root), "/usr/bin/python3.11", "-I", "-S", "-c",
                               code, base + "root.tar.zst"],
                              env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin",

@@ -38,8 +38,7 @@ DOMAINSEARCH='example.org lab.example'
 PARSE_CASES = [
     (QEMU_CONF, NetConf(device="eth0", address="10.0.2.15", hostname="node7",
                         domain="lab.example", nameservers=("10.0.2.3",),
-                        search=("example.org", "lab.example"), gateway="10.0.2.2",
-                        filename="pxelinux.0")),
+                        search=("example.org", "lab.example"))),
     ("", NetConf()),
     ("DEVICE=eth1\nIPV4DNS0='0.0.0.0'\nHOSTNAME=''\n", NetConf(device="eth1")),
     ("# comment\nnot an assignment\nIPV4ADDR='192.0.2.9'\n", NetConf(address="192.0.2.9")),

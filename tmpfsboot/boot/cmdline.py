@@ -10,7 +10,7 @@ import hashlib
 import re
 import urllib.parse
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .contract import DEFAULT_BACKOFF, DEFAULT_TIMEOUT
 from .errors import CmdlineError
@@ -20,6 +20,7 @@ from .identity import (
     MachineIdChoice,
     parse_machine_id_option,
 )
+from .policy import Verify as Verify  # tmpfs.verify= names one; re-exported for callers
 
 # Substitutions a URL may use; %% is a literal %.
 SUBSTITUTIONS = ("hostname", "fqdn", "mac", "ip", "arch", "uuid")
@@ -30,28 +31,6 @@ _TOKEN = re.compile(r"%(%|[a-z]+|[0-9A-Fa-f]{2})?")
 _HEX2 = re.compile(r"[0-9A-Fa-f]{2}")
 _SIZE = re.compile(r"(?P<num>[0-9]+)(?P<unit>[kKmMgGtTpPeE%]?)")
 
-
-
-class Verify(enum.Enum):
-    """How a layer is verified before the root may boot (as systemd-importd's --verify)."""
-
-    SIGNATURE = "signature"
-    CHECKSUM = "checksum"
-    NO = "no"
-
-    @classmethod
-    def default_for(cls, keyring: str | None) -> Verify:
-        """signature when a keyring is available, else checksum."""
-        return cls.SIGNATURE if keyring else cls.CHECKSUM
-
-    @classmethod
-    def parse(cls, text: str) -> Verify:
-        """The mode named TEXT, or CmdlineError listing the valid ones."""
-        try:
-            return cls(text)
-        except ValueError:
-            valid = "|".join(v.value for v in cls)
-            raise CmdlineError(f"tmpfs.verify={text}: expected {valid}") from None
 
 
 @dataclass(frozen=True)
@@ -84,7 +63,6 @@ class BootPlan:
     bootif: str | None = None
     hostname_from: HostnameFrom = HostnameFrom.NODE
     machine_id: MachineIdChoice = MACHINE_ID_FROM_NODE
-    init_args: tuple[str, ...] = field(default=())
     mirror_order: MirrorOrder | None = None  # tmpfs.mirrors=; None: the initramfs default
 
     @property
@@ -241,7 +219,7 @@ def parse_cmdline(text: str) -> BootPlan:
     tmpfs boot is selected by `boot=tmpfs` or by a `root=` whose URL is http(s); any
     other root= leaves `tmpfs` False (not our boot) and the plan empty.
     """
-    args, init_args = split_cmdline(text)
+    args, _ = split_cmdline(text)  # what follows `--` is init's, never ours
     opts: dict[str, str] = {}
     flags: set[str] = set()
     for arg in args:
@@ -257,7 +235,7 @@ def parse_cmdline(text: str) -> BootPlan:
         shown = "nothing" if root is None else root
         raise CmdlineError(f"boot=tmpfs needs root=http(s)://URL, got root={shown}")
     if not is_url or (boot is not None and boot != "tmpfs"):
-        return BootPlan(tmpfs=False, init_args=tuple(init_args))
+        return BootPlan(tmpfs=False)
     assert root is not None
     rootsize = opts.get("rootsize")
     verify = opts.get("tmpfs.verify")
@@ -282,7 +260,6 @@ def parse_cmdline(text: str) -> BootPlan:
         else HostnameFrom.NODE,
         machine_id=parse_machine_id_option(machine_id) if machine_id is not None
         else MACHINE_ID_FROM_NODE,
-        init_args=tuple(init_args),
         mirror_order=MirrorOrder.parse(mirror_order) if mirror_order is not None else None,
     )
 
@@ -305,6 +282,13 @@ def resolve_url(mirror: Mirror, facts: NetFacts) -> str:
         return urllib.parse.quote(value, safe="-._~:")
 
     return _TOKEN.sub(replace, mirror.url)
+
+
+def resolve_layers(layers: Sequence[Layer], facts: NetFacts) -> tuple[tuple[str, ...], ...]:
+    """What the engine fetches: each layer's mirror URLs with every substitution resolved,
+    in the layers' mirror order (spread them first: order_layers). CmdlineError naming the
+    first fact this node does not know, before anything is downloaded."""
+    return tuple(tuple(resolve_url(m, facts) for m in layer.mirrors) for layer in layers)
 
 
 def mac_from_bootif(bootif: str) -> str | None:

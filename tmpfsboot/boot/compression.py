@@ -25,7 +25,9 @@ from .tarheader import BLOCK, ZERO_BLOCK
 
 log = logging.getLogger("tmpfsboot")
 
+# POSIX ustar's magic ("ustar", then NUL or a space) at this offset of the first header.
 _TAR_MAGIC_OFFSET = 257
+_TAR_MAGIC = b"ustar"
 PIPE_SIZE = 1 << 20
 
 
@@ -44,7 +46,7 @@ class Compression(enum.Enum):
         for magic, kind in _MAGIC:
             if head.startswith(magic):
                 return kind
-        if len(head) >= _TAR_MAGIC_OFFSET + 5 and head[257:262] == b"ustar":
+        if head[_TAR_MAGIC_OFFSET:_TAR_MAGIC_OFFSET + len(_TAR_MAGIC)] == _TAR_MAGIC:
             return cls.NONE
         if len(head) >= BLOCK and (verify_checksum(head[:BLOCK]) or head[:BLOCK] == ZERO_BLOCK):
             return cls.NONE  # a v7 header (no magic) or an empty archive

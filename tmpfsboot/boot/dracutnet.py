@@ -28,7 +28,7 @@ def override_path(tmp: str, device: str) -> str:
 
 
 def parse_override(text: str, *, device: str | None = None) -> NetConf:
-    """Parse ifup's ``KEY="VALUE"`` lines of a static ``ip=``: ip, gw, hostname, dns1, dns2.
+    """Parse ifup's ``KEY="VALUE"`` lines of a static ``ip=``: ip, hostname, dns1, dns2.
 
     A hostname with a dot gives the domain too. Other lines are ignored.
     """
@@ -49,7 +49,6 @@ def parse_override(text: str, *, device: str | None = None) -> NetConf:
         hostname=hostname,
         domain=domain,
         nameservers=tuple(v for v in (values.get("dns1"), values.get("dns2")) if v),
-        gateway=values.get("gw"),
     )
 
 
@@ -81,6 +80,4 @@ def parse_dhcpopts(text: str, *, device: str | None = None) -> NetConf:
         domain=get("domain_name"),
         nameservers=tuple(dict.fromkeys(servers)),
         search=tuple((get("domain_search") or "").split()),
-        gateway=(get("routers") or "").split(" ")[0].split(",")[0] or None,
-        filename=get("filename"),
     )

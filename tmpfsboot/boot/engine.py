@@ -16,9 +16,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .cmdline import Layer, NetFacts, Verify, resolve_url
 from .compression import (
     MAGIC_SIZE,
     PIPE_SIZE,
@@ -28,7 +28,6 @@ from .compression import (
     start_decompressor,
 )
 from .contract import (
-    DEFAULT_BACKOFF,
     SIGNATURE_SUFFIX,
     SUMS_NAME,
     manifest_name,
@@ -50,7 +49,6 @@ from .fetch import (
     Download,
     DownloadResult,
     RetryBudget,
-    Wait,
     fetch_bytes,
     image_name,
     sibling_urls,
@@ -61,6 +59,7 @@ from .imagelayer import (
     probe_kinds,
 )
 from .log import NO_EVENTS, EventLog, format_bytes, phase
+from .policy import FetchPolicy, Verify
 
 log = logging.getLogger("tmpfsboot")
 
@@ -88,20 +87,32 @@ class LayerSource:
 SumsCache = dict[tuple[str, ...], tuple[bytes, str]]
 
 
-def _fetch_sums(sums_urls: list[str], number: int, *, verify: Verify, keyring: str | None,
-                budget: RetryBudget, timeout: float, cache: SumsCache) -> tuple[bytes, str]:
+@dataclass(frozen=True)
+class _Run:
+    """One call of fetch_root: its policy, the retry budget every download of the root
+    draws from, and where it reports."""
+
+    policy: FetchPolicy
+    budget: RetryBudget
+    events: EventLog
+
+
+def _fetch_sums(run: _Run, sums_urls: list[str], number: int,
+                cache: SumsCache) -> tuple[bytes, str]:
     """(SHA256SUMS, the URL it came from), its signature checked in signature mode."""
     from .verify import check_signature
 
     key = tuple(sums_urls)
     if key in cache:
         return cache[key]
+    budget, timeout = run.budget, run.policy.timeout
     try:
         sums, sums_url = fetch_bytes(sums_urls, budget=budget, timeout=timeout,
                                      label=SUMS_NAME)
     except PermanentHTTPError as e:
         raise VerificationError(f"no {SUMS_NAME} for layer {number}: {e}") from e
-    if verify is Verify.SIGNATURE:
+    if run.policy.verify is Verify.SIGNATURE:
+        keyring = run.policy.keyring
         assert keyring is not None
         try:
             signature, _ = fetch_bytes([sums_url + SIGNATURE_SUFFIX], budget=budget,
@@ -114,39 +125,48 @@ def _fetch_sums(sums_urls: list[str], number: int, *, verify: Verify, keyring: s
     return sums, sums_url
 
 
-def _fetch_metadata(number: int, urls: list[str], *, verify: Verify, keyring: str | None,
-                    budget: RetryBudget, timeout: float, preflight: bool,
-                    cache: SumsCache) -> LayerSource:
-    """SHA256SUMS (and its signature) and the manifest of one layer."""
+def _expected_sha256(run: _Run, number: int, urls: list[str],
+                     cache: SumsCache) -> str | None:
+    """The layer's hash from the SHA256SUMS beside the first mirror that answers and
+    lists its image; None when nothing is verified."""
     from .verify import expected_hash
 
-    sha256 = None
     candidates = list(urls)
-    while verify is not Verify.NO and sha256 is None:
-        # the SHA256SUMS beside the first mirror that answers, and which lists its image
+    while run.policy.verify is not Verify.NO:
         sums_urls = sibling_urls(candidates, SUMS_NAME)
-        sums, sums_url = _fetch_sums(sums_urls, number, verify=verify, keyring=keyring,
-                                     budget=budget, timeout=timeout, cache=cache)
+        sums, sums_url = _fetch_sums(run, sums_urls, number, cache)
         image_url = candidates[sums_urls.index(sums_url)] if sums_url in sums_urls else urls[0]
         try:
-            sha256 = expected_hash(sums.decode("utf-8", "replace"), image_name(image_url),
-                                   sums_url=sums_url)
+            return expected_hash(sums.decode("utf-8", "replace"), image_name(image_url),
+                                 sums_url=sums_url)
         except VerificationError:
             candidates.remove(image_url)
             if not candidates:
                 raise
-    unpacked = None
-    if preflight:
-        manifest_urls = sibling_urls(urls, manifest_name(image_name(urls[0])))
-        try:
-            data, _ = fetch_bytes(manifest_urls, budget=budget, timeout=timeout,
-                                  label="manifest")
-            unpacked = parse_unpacked_size(data)
-        except PermanentHTTPError:
-            unpacked = None  # no manifest: no preflight for this layer
-        except ValueError:
-            log.warning("layer %d: ignoring a manifest that is not valid JSON", number)
-    return LayerSource(number=number, urls=tuple(urls), sha256=sha256, unpacked_size=unpacked)
+    return None
+
+
+def _unpacked_size(run: _Run, number: int, urls: list[str]) -> int | None:
+    """The layer's unpacked size from its manifest; None without preflight or manifest."""
+    if not run.policy.preflight:
+        return None
+    manifest_urls = sibling_urls(urls, manifest_name(image_name(urls[0])))
+    try:
+        data, _ = fetch_bytes(manifest_urls, budget=run.budget, timeout=run.policy.timeout,
+                              label="manifest")
+        return parse_unpacked_size(data)
+    except PermanentHTTPError:
+        return None  # no manifest: no preflight for this layer
+    except ValueError:
+        log.warning("layer %d: ignoring a manifest that is not valid JSON", number)
+        return None
+
+
+def _fetch_metadata(run: _Run, number: int, urls: list[str], cache: SumsCache) -> LayerSource:
+    """SHA256SUMS (and its signature) and the manifest of one layer."""
+    sha256 = _expected_sha256(run, number, urls, cache)
+    return LayerSource(number=number, urls=tuple(urls), sha256=sha256,
+                       unpacked_size=_unpacked_size(run, number, urls))
 
 
 def check_space(sources: list[LayerSource], target: str) -> None:
@@ -307,94 +327,84 @@ def fetch_layer(source: LayerSource, extractor: Extractor, *, budget: RetryBudge
 
 
 def fetch_root(
-    layers: tuple[Layer, ...],
+    layers: Sequence[Sequence[str]],
     target: str,
+    policy: FetchPolicy,
     *,
-    facts: NetFacts,
-    verify: Verify,
-    keyring: str | None,
-    retries: int | None,
-    timeout: float,
-    backoff: float = DEFAULT_BACKOFF,
     events: EventLog = NO_EVENTS,
-    preflight: bool = True,
-    wait: Wait = time.sleep,
     image_mounts: str | None = None,
 ) -> None:
     """Fetch, verify and extract every layer into TARGET, in order; later layers win.
 
-    Substitutions are resolved first (an unknown fact fails before any download); then
-    each layer's SHA256SUMS (and signature) and manifest are fetched, the manifests'
-    unpacked sizes checked against TARGET's free space, and the layers streamed in.
-    When a layer fails verification, or a resume is impossible, TARGET is emptied and
-    the whole root fetched again while RETRIES last. When the root fails for good,
-    TARGET is emptied too: a half root is never left behind.
+    LAYERS are each layer's mirror URLs, resolved and in the order to try them
+    (cmdline.resolve_layers). First each layer's SHA256SUMS (and signature) and manifest
+    are fetched, the manifests' unpacked sizes checked against TARGET's free space, and
+    the layers streamed in, as POLICY says. When a layer fails verification, or a resume
+    is impossible, TARGET is emptied and the whole root fetched again while the policy's
+    retries last. When the root fails for good, TARGET is emptied too: a half root is
+    never left behind.
 
     Image layers (squashfs, erofs) are verified, then mounted under an overlay on TARGET
     with IMAGE_MOUNTS (where TARGET's tmpfs moves to hold them: see imagelayer), else
     stored as files in TARGET.
     """
-    if not layers:
+    urls = [list(u) for u in layers]
+    if not urls or not all(urls):
         raise UsageError("no layers to fetch")
-    if verify is Verify.SIGNATURE and not keyring:
-        raise UsageError("verify=signature needs a keyring (--keyring or TMPFS_KEYRING)")
-    if not os.path.isdir(target):
-        raise UsageError(f"{target}: not a directory")
-    if os.path.realpath(target) == "/":
-        # a failed root is emptied: never this one
-        raise UsageError(f"{target}: refusing to extract a root onto / itself")
-    urls = [[resolve_url(m, facts) for m in layer.mirrors] for layer in layers]
-    budget = RetryBudget(retries, backoff, wait)
+    _check_target(target)
+    run = _Run(policy, RetryBudget(policy.retries, policy.backoff, policy.wait), events)
     started = time.monotonic()
     attempt = 0
     while True:
         attempt += 1
         try:
-            _fetch_once(urls, target, verify=verify, keyring=keyring, budget=budget,
-                        timeout=timeout, events=events, preflight=preflight,
-                        images=ImageStack(target, image_mounts))
+            _fetch_once(run, urls, target, ImageStack(target, image_mounts))
             break
         except RestartRoot as e:
             empty_directory(target)
             events.write("restart", attempt=attempt, error=str(e))
             try:
-                budget.fail(e)
+                run.budget.fail(e)
             except FetchError:
                 raise e from None
         except BaseException:
             empty_directory(target)  # never a half root, whatever stopped it (a bug too)
             raise
     elapsed = time.monotonic() - started
+    used = run.budget.used
     events.write("root", ok=True, layers=len(urls), seconds=round(elapsed, 3),
-                 retries=budget.used, attempts=attempt)
-    log.info("root ready in %.2f s: %d layer(s), %d retries", elapsed, len(urls), budget.used)
+                 retries=used, attempts=attempt)
+    log.info("root ready in %.2f s: %d layer(s), %d retries", elapsed, len(urls), used)
 
 
-def _fetch_once(urls: list[list[str]], target: str, *, verify: Verify, keyring: str | None,
-                budget: RetryBudget, timeout: float, events: EventLog,
-                preflight: bool, images: ImageStack) -> None:
-    with phase("Fetching checksums and manifests", events):
+def _check_target(target: str) -> None:
+    """UsageError unless TARGET is a directory other than / (a failed root is emptied)."""
+    if not os.path.isdir(target):
+        raise UsageError(f"{target}: not a directory")
+    if os.path.realpath(target) == "/":
+        raise UsageError(f"{target}: refusing to extract a root onto / itself")
+
+
+def _fetch_once(run: _Run, urls: list[list[str]], target: str, images: ImageStack) -> None:
+    budget, timeout = run.budget, run.policy.timeout
+    with phase("Fetching checksums and manifests", run.events):
         cache: SumsCache = {}
-        sources = [
-            _fetch_metadata(i, u, verify=verify, keyring=keyring, budget=budget,
-                            timeout=timeout, preflight=preflight, cache=cache)
-            for i, u in enumerate(urls, 1)
-        ]
+        sources = [_fetch_metadata(run, i, u, cache) for i, u in enumerate(urls, 1)]
         kinds = probe_kinds([s.urls for s in sources], budget=budget, timeout=timeout)
         sources = [dataclasses.replace(s, kind=k, image_size=n)
                    for s, (k, n) in zip(sources, kinds, strict=True)]
-    if preflight:
+    if run.policy.preflight:
         check_space(sources, target)
     try:
-        _fetch_layers(sources, target, budget=budget, timeout=timeout, events=events,
-                      images=images)
+        _fetch_layers(run, sources, target, images)
     except BaseException:
         images.undo()  # unmounted and moved back: the caller empties TARGET
         raise
 
 
-def _fetch_layers(sources: list[LayerSource], target: str, *, budget: RetryBudget,
-                  timeout: float, events: EventLog, images: ImageStack) -> None:
+def _fetch_layers(run: _Run, sources: list[LayerSource], target: str,
+                  images: ImageStack) -> None:
+    budget, timeout, events = run.budget, run.policy.timeout, run.events
     total = len(sources)
     for source in sources:
         if source.kind.is_image:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from .contract import CA_BUNDLES
 from .errors import FetchError, PermanentHTTPError, RestartRoot, TransientFetchError
 from .log import Progress
+from .policy import Wait
 
 log = logging.getLogger("tmpfsboot")
 
@@ -34,7 +35,6 @@ PERMANENT = frozenset({400, 401, 403, 404, 405, 410, 414, 451, 501})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 
 Sink = Callable[[memoryview], None]
-Wait = Callable[[float], None]
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -126,7 +126,6 @@ class DownloadResult:
     url: str
     size: int
     requests: int
-    seconds: float
 
 
 def _connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
@@ -230,7 +229,11 @@ def _read_some(resp: http.client.HTTPResponse,
 
 
 class Download:
-    """One file fetched from a list of mirror URLs into a sink, across failures."""
+    """One file fetched from a list of mirror URLs into a sink, across failures.
+
+    While it runs it keeps where the transfer is (OFFSET bytes handed to the sink, the
+    VALIDATOR of the file version they came from) so that a retry resumes there.
+    """
 
     def __init__(self, urls: list[str], *, budget: RetryBudget, timeout: float,
                  label: str, progress: bool = True) -> None:
@@ -241,6 +244,10 @@ class Download:
         self.show_progress = progress
         self.dead: dict[str, str] = {}
         self.requests = 0
+        self.offset = 0
+        self.validator: Validator | None = None
+        self.progress: Progress | None = None
+        self.view = memoryview(bytearray(CHUNK))
 
     def _next_url(self, current: int) -> int:
         alive = [i for i, u in enumerate(self.urls) if u not in self.dead]
@@ -256,67 +263,12 @@ class Download:
         the retry budget is spent, RestartRoot when the file changed under a resume.
         Exceptions from SINK propagate unchanged.
         """
-        start = time.monotonic()
-        offset = 0
-        validator: Validator | None = None
+        self.offset, self.validator, self.progress = 0, None, None
         index = self._next_url(-1)
-        progress: Progress | None = None
-        buf = bytearray(CHUNK)
-        view = memoryview(buf)
         while True:
             url = self.urls[index]
             try:
-                headers: dict[str, str] = {}
-                if offset and validator is not None:
-                    headers["Range"] = f"bytes={offset}-"
-                    if validator.if_range():
-                        headers["If-Range"] = validator.if_range() or ""
-                self.requests += 1
-                conn, resp, final_url = open_url(url, timeout=self.timeout, headers=headers)
-                try:
-                    skip, total, validator = self._check_answer(
-                        final_url, resp, offset, validator)
-                    if progress is None:
-                        progress = Progress(self.label, total)
-                        if not self.show_progress:
-                            progress.interval = float("inf")
-                    remaining = None if total is None else total - offset
-                    got_any = False
-                    while remaining is None or remaining > 0:
-                        want = CHUNK if remaining is None else min(CHUNK, remaining + skip)
-                        n, failure = _read_some(resp, view[:want])
-                        if n == 0:
-                            if failure is not None:
-                                raise TransientFetchError(
-                                    f"{final_url}: {_describe(failure)} after {offset} bytes"
-                                ) from failure
-                            if remaining is None:
-                                break
-                            raise TransientFetchError(
-                                f"{final_url}: connection closed after {offset} of "
-                                f"{total} bytes")
-                        chunk = view[:n]
-                        if skip:
-                            dropped = min(skip, n)
-                            skip -= dropped
-                            chunk = chunk[dropped:]
-                        if chunk:
-                            sink(chunk)
-                            offset += len(chunk)
-                            progress.update(len(chunk))
-                            if remaining is not None:
-                                remaining -= len(chunk)
-                            if not got_any:
-                                got_any = True
-                                self.budget.progressed()
-                        if failure is not None:
-                            raise TransientFetchError(
-                                f"{final_url}: {_describe(failure)} after {offset} bytes"
-                            ) from failure
-                finally:
-                    conn.close()
-                return DownloadResult(url=final_url, size=offset, requests=self.requests,
-                                      seconds=time.monotonic() - start)
+                return self._attempt(url, sink)
             except PermanentHTTPError as e:
                 self.dead[url] = str(e)
                 index = self._next_url(index)
@@ -324,6 +276,66 @@ class Download:
             except TransientFetchError as e:
                 self.budget.fail(e, retry_after=e.retry_after)
                 index = self._next_url(index)
+
+    def _resume_headers(self) -> dict[str, str]:
+        """Range (and If-Range) to continue after the bytes already handed on, if any."""
+        headers: dict[str, str] = {}
+        if self.offset and self.validator is not None:
+            headers["Range"] = f"bytes={self.offset}-"
+            if self.validator.if_range():
+                headers["If-Range"] = self.validator.if_range() or ""
+        return headers
+
+    def _attempt(self, url: str, sink: Sink) -> DownloadResult:
+        """One request to URL, its answer checked and its body streamed into SINK."""
+        self.requests += 1
+        conn, resp, final_url = open_url(url, timeout=self.timeout,
+                                         headers=self._resume_headers())
+        try:
+            skip, total, self.validator = self._check_answer(
+                final_url, resp, self.offset, self.validator)
+            if self.progress is None:
+                self.progress = Progress(self.label, total)
+                if not self.show_progress:
+                    self.progress.interval = float("inf")
+            self._stream(final_url, resp, sink, skip=skip, total=total)
+        finally:
+            conn.close()
+        return DownloadResult(url=final_url, size=self.offset, requests=self.requests)
+
+    def _stream(self, url: str, resp: http.client.HTTPResponse, sink: Sink, *,
+                skip: int, total: int | None) -> None:
+        """RESP's body into SINK up to TOTAL bytes (or its end), its first SKIP bytes
+        dropped; TransientFetchError, after handing on what arrived, when it breaks."""
+        remaining = None if total is None else total - self.offset
+        got_any = False
+        while remaining is None or remaining > 0:
+            want = CHUNK if remaining is None else min(CHUNK, remaining + skip)
+            n, failure = _read_some(resp, self.view[:want])
+            if n == 0 and failure is None and remaining is None:
+                break  # the end of a body of unknown length
+            if n == 0 and failure is None:
+                raise TransientFetchError(
+                    f"{url}: connection closed after {self.offset} of {total} bytes")
+            dropped = min(skip, n)
+            skip -= dropped
+            chunk = self.view[dropped:n]
+            if chunk:
+                self._deliver(chunk, sink)
+                if remaining is not None:
+                    remaining -= len(chunk)
+                if not got_any:
+                    got_any = True
+                    self.budget.progressed()
+            if failure is not None:
+                raise TransientFetchError(
+                    f"{url}: {_describe(failure)} after {self.offset} bytes") from failure
+
+    def _deliver(self, chunk: memoryview, sink: Sink) -> None:
+        sink(chunk)
+        self.offset += len(chunk)
+        assert self.progress is not None
+        self.progress.update(len(chunk))
 
     def _check_answer(self, url: str, resp: http.client.HTTPResponse, offset: int,
                       validator: Validator | None) -> tuple[int, int | None, Validator]:

@@ -38,19 +38,20 @@ from .cmdline import (
     Layer,
     MirrorOrder,
     NetFacts,
-    Verify,
     choose_mirror_order,
     mac_from_bootif,
     node_identity,
     order_layers,
     parse_cmdline,
     parse_rootsize,
+    resolve_layers,
 )
 from .contract import DEFAULT_ROOTSIZE, KEYRING_NAME
 from .errors import CmdlineError, ShellRequested, TmpfsbootError, UsageError
 from .identity import derive_machine_id, plan_identity, read_image_etc
 from .log import NO_EVENTS, EventLog, phase, setup_logging
 from .netconf import NetConf, parse_net_conf, render_hostname, render_hosts, render_resolv_conf
+from .policy import FetchPolicy
 from .run import run
 
 log = logging.getLogger("tmpfsboot")
@@ -279,15 +280,13 @@ def step_fetch(rootmnt: str, node: Node, env: dict[str, str], events: EventLog) 
     plan = read_plan(node)
     conf = read_net_conf(node, env.get("DEVICE"), source=env.get("TMPFSBOOT_NETCONF"))
     facts = gather_facts(plan, conf, node, env)
-    layers = node_layers(plan, facts, env.get("TMPFS_MIRRORS"))
+    urls = resolve_layers(node_layers(plan, facts, env.get("TMPFS_MIRRORS")), facts)
     path = os.path.join(node.etc, KEYRING_NAME)
     keyring = path if os.path.exists(path) else None
-    verify = plan.verify or Verify.default_for(keyring)
+    policy = FetchPolicy.from_plan(plan, keyring=keyring, wait=wait_or_shell)
     from .engine import fetch_root  # the big part of start-up: load it late
 
-    fetch_root(layers, rootmnt, facts=facts, verify=verify, keyring=keyring,
-               retries=plan.retries, timeout=plan.timeout, backoff=plan.backoff,
-               events=events, wait=wait_or_shell,
+    fetch_root(urls, rootmnt, policy, events=events,
                image_mounts=os.path.join(node.run, LAYERS_DIR))
     finish_root(rootmnt, conf, facts, plan, events)
 

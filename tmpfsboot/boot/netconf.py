@@ -25,8 +25,6 @@ class NetConf:
     domain: str | None = None
     nameservers: tuple[str, ...] = ()
     search: tuple[str, ...] = ()
-    gateway: str | None = None
-    filename: str | None = None
 
     @property
     def fqdn(self) -> str | None:
@@ -76,8 +74,6 @@ def parse_net_conf(text: str) -> NetConf:
         domain=get("DNSDOMAIN"),
         nameservers=nameservers,
         search=tuple((get("DOMAINSEARCH") or "").split()),
-        gateway=get("IPV4GATEWAY"),
-        filename=get("filename"),
     )
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..boot.cmdline import NetFacts, Verify, parse_root, parse_timeout
+from ..boot.cmdline import NetFacts, parse_root, parse_timeout, resolve_layers
 from ..boot.contract import DEFAULT_BACKOFF, DEFAULT_TIMEOUT
 from ..boot.engine import fetch_root
 from ..boot.log import EventLog
+from ..boot.policy import FetchPolicy, Verify
 from .argtypes import non_negative_int
 
 
@@ -16,20 +17,12 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     layers = parse_root(args.root)
     facts = NetFacts(hostname=args.hostname, fqdn=args.fqdn, mac=args.mac, ip=args.ip,
                      arch=args.arch, uuid=args.uuid)
-    verify = Verify.parse(args.verify) if args.verify else Verify.default_for(args.keyring)
+    policy = FetchPolicy.choose(Verify.parse(args.verify) if args.verify else None,
+                                keyring=args.keyring, retries=args.retries,
+                                timeout=args.timeout, backoff=args.backoff)
     events = EventLog(args.log)
     try:
-        fetch_root(
-            layers,
-            args.dir,
-            facts=facts,
-            verify=verify,
-            keyring=args.keyring,
-            retries=args.retries,
-            timeout=args.timeout,
-            backoff=args.backoff,
-            events=events,
-        )
+        fetch_root(resolve_layers(layers, facts), args.dir, policy, events=events)
     finally:
         events.close()
     return 0
