@@ -12,10 +12,10 @@ import subprocess
 
 import pytest
 from test_tarfuzz import mutate
-from tmpfsboot.host.image import TAR_OPTIONS
 
 from tmpfsboot.boot.errors import ArchiveError
 from tmpfsboot.boot.tarheader import BLOCK, HeaderParser, Member
+from tmpfsboot.host.image import TAR_OPTIONS
 
 pytestmark = pytest.mark.unit
 
