@@ -13,19 +13,15 @@ import socket
 import time
 
 import pytest
+from support.archives import publish, snapshot
+from support.faults import BACKOFF, Root, Scene, fetch
+from support.faultserver import error, flip, ignore_range, reset, serve, short, stall, swap
+from support.keys import GpgKey
+from support.reliability import Matrix
 
-# the helpers assert too: have pytest rewrite them before they are imported
-pytest.register_assert_rewrite("archives", "faultserver", "helpers_faults", "reliability")
+from tmpfsboot.boot.cmdline import Verify
+from tmpfsboot.boot.errors import FetchError, PermanentHTTPError, VerificationError
 
-from archives import publish, snapshot  # noqa: E402
-from faultserver import error, flip, ignore_range, reset, serve, short, stall, swap  # noqa: E402
-from helpers_faults import BACKOFF, GpgKey, Root, Scene, fetch  # noqa: E402
-from reliability import Matrix  # noqa: E402
-
-from tmpfsboot.boot.cmdline import Verify  # noqa: E402
-from tmpfsboot.boot.errors import FetchError, PermanentHTTPError, VerificationError  # noqa: E402
-
-pytest_plugins = ["reliability", "helpers_faults"]
 pytestmark = pytest.mark.integration
 
 MIB = 1 << 20
