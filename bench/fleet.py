@@ -1,6 +1,6 @@
 """Fleet storms: thousands of simulated nodes boot at once through a tier of caching nginx.
 
-The topology is real (tests/tier.py): `tmpfsboot serve` as the origin, N nginx caches
+The topology is real (tests/support/tier.py): `tmpfsboot serve` as the origin, N nginx caches
 configured from docs/nginx.md, and the nodes (bench/swarm.py, asyncio tasks), each in its
 own network namespace on a private bridge. Every node verifies the SHA-256 of its image.
 The standard set (`make fleet`, `--write` puts it into docs/benchmarks.md under

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import socket
 import time
 
 import pytest
@@ -18,6 +17,7 @@ from support.faults import BACKOFF, Root, Scene, fetch
 from support.faultserver import error, flip, ignore_range, reset, serve, short, stall, swap
 from support.keys import GpgKey
 from support.reliability import Matrix
+from support.serve import free_port
 
 from tmpfsboot.boot.cmdline import Verify
 from tmpfsboot.boot.errors import FetchError, PermanentHTTPError, VerificationError
@@ -271,9 +271,7 @@ def test_404_on_every_mirror_fails_fast_naming_each_url(matrix: Matrix, good: Ro
 def test_connection_refused_is_retried_then_names_the_url(matrix: Matrix,
                                                           scene: Scene) -> None:
     matrix.case("HTTP", "nothing listens on the port (retries=1)", "refused")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # free: nothing listens on it
     url = f"http://127.0.0.1:{port}/img/root.tar.zst"
     with pytest.raises(FetchError) as e:
         fetch(url, scene, retries=1)
