@@ -22,6 +22,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the shared helpers: tests/support
+
+from support.report import write_section  # noqa: E402
 
 from tmpfsboot.host.demo import build_demo_root, build_layer  # noqa: E402
 from tmpfsboot.host.dracut import COMPRESS, build_dracut  # noqa: E402
@@ -141,20 +144,8 @@ def main() -> int:
     ])
     print(text)
     if not args.no_write:
-        write_section(REPO / "docs" / "benchmarks.md", text)
+        write_section(REPO / "docs" / "benchmarks.md", SECTION, text.removeprefix(SECTION))
     return 0
-
-
-def write_section(doc: Path, text: str) -> None:
-    """Replace (or append) the SECTION of DOC with TEXT."""
-    old = doc.read_text()
-    start = old.find(SECTION + "\n")
-    if start < 0:
-        doc.write_text(old.rstrip("\n") + "\n\n" + text)
-        return
-    end = old.find("\n## ", start + len(SECTION))
-    rest = old[end + 1:] if end >= 0 else ""
-    doc.write_text(old[:start] + text + ("\n" + rest if rest else ""))
 
 
 if __name__ == "__main__":

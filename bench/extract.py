@@ -32,8 +32,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the shared helpers: tests/support
 
-from fetch import mount_tmpfs, umount, write_section  # noqa: E402
+from support.mounts import mounted_tmpfs  # noqa: E402
+from support.report import write_section  # noqa: E402
 
 from tmpfsboot.host.image import TAR_OPTIONS  # noqa: E402
 
@@ -77,8 +79,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="tmpfsboot-bench-") as tmp:
         work = Path(tmp)
         src, target = work / "src", work / "target"
-        mount_tmpfs(src, "2g")
-        try:
+        with mounted_tmpfs(src, size="2g"):
             members = make_root(src)
             archive = src / "root.tar"
             subprocess.run(["tar", "-c", "-f", str(archive), *TAR_OPTIONS, "-C", str(src),
@@ -92,14 +93,9 @@ def main() -> int:
             runs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
             for _ in range(args.rounds):
                 for name, argv in methods.items():
-                    mount_tmpfs(target, "2g")
-                    try:
+                    with mounted_tmpfs(target, size="2g"):
                         runs[name].append(timed(argv))
-                    finally:
-                        umount(target)
             size = archive.stat().st_size
-        finally:
-            umount(src)
     body = report(runs, members, size, args.rounds)
     print(body)
     if args.write:

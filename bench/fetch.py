@@ -20,7 +20,6 @@ import argparse
 import os
 import resource
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the shared helpers: tests/support
+
+from support.mounts import mounted_tmpfs  # noqa: E402
+from support.report import write_section  # noqa: E402
+from support.serve import free_port  # noqa: E402
 
 from tmpfsboot.host.image import build_image  # noqa: E402
 
@@ -106,23 +110,6 @@ def measure(argv: Sequence[str]) -> Run:
     return Run(seconds, cpu, peak)
 
 
-def mount_tmpfs(path: Path, size: str = "4g") -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                   check=True)
-
-
-def umount(path: Path) -> None:
-    subprocess.run(["umount", str(path)], check=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def build_images(cache: Path) -> tuple[Path, int, int]:
     """The tree and both images in CACHE (built once); returns (www, bytes, entries)."""
     tree, www = cache / "tree", cache / "www"
@@ -161,21 +148,6 @@ def methods(base: str, target: Path, ramdir: Path) -> dict[str, list[str]]:
     }
 
 
-def write_section(path: Path, heading: str, body: str) -> None:
-    """Replace (or append) the section under HEADING in the markdown file PATH."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
-    section = [heading, "", *body.rstrip().splitlines(), ""]
-    if start is None:
-        lines += ["", *section]
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-                   len(lines))
-        lines[start:end] = section
-    path.write_text("\n".join(lines).rstrip() + "\n")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -195,22 +167,18 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="tmpfsboot-bench."))
     target, ramdir = work / "root", work / "ram"
     try:
-        mount_tmpfs(ramdir, "1g")
-        for round_ in range(1, args.rounds + 1):
-            for name, argv in methods(f"http://127.0.0.1:{port}/", target, ramdir).items():
-                mount_tmpfs(target)
-                try:
-                    run = measure(argv)
-                finally:
-                    umount(target)
-                results.setdefault(name, []).append(run)
-                print(f"round {round_} {name:15s} {run.seconds:6.2f} s  CPU {run.cpu:5.2f} s  "
-                      f"peak RSS {run.peak_rss / 2**20:6.1f} MiB", flush=True)
+        with mounted_tmpfs(ramdir, size="1g"):
+            for round_ in range(1, args.rounds + 1):
+                for name, argv in methods(f"http://127.0.0.1:{port}/", target, ramdir).items():
+                    with mounted_tmpfs(target, size="4g"):
+                        run = measure(argv)
+                    results.setdefault(name, []).append(run)
+                    print(f"round {round_} {name:15s} {run.seconds:6.2f} s  "
+                          f"CPU {run.cpu:5.2f} s  peak RSS {run.peak_rss / 2**20:6.1f} MiB",
+                          flush=True)
     finally:
         server.terminate()
         server.wait()
-        if ramdir.is_mount():
-            umount(ramdir)
         shutil.rmtree(work, ignore_errors=True)
 
     median = {k: statistics.median(r.seconds for r in v) for k, v in results.items()}

@@ -1,6 +1,6 @@
 """Fleet storms: thousands of simulated nodes boot at once through a tier of caching nginx.
 
-The topology is real (tests/tier.py): `tmpfsboot serve` as the origin, N nginx caches
+The topology is real (tests/support/tier.py): `tmpfsboot serve` as the origin, N nginx caches
 configured from docs/nginx.md, and the nodes (bench/swarm.py, asyncio tasks), each in its
 own network namespace on a private bridge. Every node verifies the SHA-256 of its image.
 The standard set (`make fleet`, `--write` puts it into docs/benchmarks.md under
@@ -22,10 +22,11 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-# tests/ holds the tier (the fleet test uses it too) and is no package: made importable
+# tests/support holds the tier (the fleet test uses it too): made importable
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from storm import BENCHMARKS, MIB, build_image, replace_section
-from tier import StormResult, run_storm
+from storm import BENCHMARKS, MIB, build_image
+from support.report import write_section
+from support.tier import StormResult, run_storm
 
 SECTION = "## Fleet through caching nginx"
 
@@ -181,8 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if run.kill is not None:
             print(render_kill(run))
     if args.write:
-        text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-        BENCHMARKS.write_text(replace_section(text, SECTION, render(runs, size, args.timeout)))
+        write_section(BENCHMARKS, SECTION, render(runs, size, args.timeout))
     return 0 if all(r.result.ok == r.nodes for r in runs) else 1
 
 

@@ -34,9 +34,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
+sys.path.insert(0, str(REPO / "tests"))  # the shared helpers: tests/support
 
-from fetch import write_section  # noqa: E402
+from support.report import write_section  # noqa: E402
 
 from tmpfsboot.host.image import build_image  # noqa: E402
 from tmpfsboot.host.initramfs import build_initramfs, default_kernel, kernel_image  # noqa: E402

@@ -38,10 +38,14 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tmpfsboot.boot.fetch import Download, RetryBudget, fetch_bytes
-from tmpfsboot.boot.verify import expected_hash
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # tmpfsboot, and the shared tests/support
+
+from support.report import read_file, replace_between, write_file, write_section  # noqa: E402
+
+from tmpfsboot.boot.fetch import Download, RetryBudget, fetch_bytes  # noqa: E402
+from tmpfsboot.boot.verify import expected_hash  # noqa: E402
+
 BENCHMARKS = REPO / "docs/benchmarks.md"
 RELIABILITY = REPO / "docs/reliability.md"
 STORM_BEGIN = "<!-- storm:begin -->"
@@ -209,30 +213,6 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
-def replace_section(text: str, heading: str, body: str) -> str:
-    """TEXT with the section under HEADING (up to the next `## `) replaced by BODY."""
-    lines = text.splitlines()
-    try:
-        start = lines.index(heading)
-    except ValueError:
-        return text.rstrip("\n") + "\n\n" + heading + "\n\n" + body.strip("\n") + "\n"
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
-               len(lines))
-    new = [*lines[: start + 1], "", *body.strip("\n").splitlines(), ""]
-    if end < len(lines):
-        new += lines[end:]
-    return "\n".join(new).rstrip("\n") + "\n"
-
-
-def replace_block(text: str, body: str) -> str:
-    """TEXT with what lies between the storm markers replaced by BODY."""
-    if STORM_BEGIN not in text or STORM_END not in text:
-        return text.rstrip("\n") + "\n\n" + STORM_BEGIN + "\n" + body + "\n" + STORM_END + "\n"
-    head, _, rest = text.partition(STORM_BEGIN)
-    _, _, tail = rest.partition(STORM_END)
-    return head + STORM_BEGIN + "\n" + body + "\n" + STORM_END + tail
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=500)
@@ -302,10 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed node: {n.error}", file=sys.stderr)
     if args.write:
         BENCHMARKS.parent.mkdir(exist_ok=True)
-        text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-        BENCHMARKS.write_text(replace_section(text, "## Boot storm", render_benchmark(figures)))
-        text = RELIABILITY.read_text() if RELIABILITY.exists() else "# Reliability\n"
-        RELIABILITY.write_text(replace_block(text, render_extrapolation(figures)))
+        write_section(BENCHMARKS, "## Boot storm", render_benchmark(figures))
+        text = read_file(RELIABILITY, "# Reliability\n")
+        write_file(RELIABILITY, replace_between(text, STORM_BEGIN, STORM_END,
+                                                render_extrapolation(figures)))
     return 0 if not failed else 1
 
 

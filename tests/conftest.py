@@ -1,12 +1,24 @@
-"""Shared fixtures: the kernel and one real initramfs per session, with test hook scripts."""
+"""Shared fixtures: the kernel and one real initramfs per session, with test hook scripts.
+
+The one place the test helpers are registered: tests/ on sys.path (so `support` imports
+as a package, from tests and from bench/), pytest's assertion rewriting for all of
+`support` (its helpers assert), and its fixture plugins (the fault matrix and its scenes).
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from tmpfsboot.host.initramfs import build_initramfs, default_kernel, kernel_image
+if str(Path(__file__).resolve().parent) not in sys.path:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+pytest.register_assert_rewrite("support")
+
+pytest_plugins = ["support.reliability", "support.faults"]
+
+from tmpfsboot.host.initramfs import build_initramfs, default_kernel, kernel_image  # noqa: E402
 
 # Boot scripts built into the session's initramfs: each hook directory announces itself
 # with what it can see, so a boot shows the order and the state at each point.

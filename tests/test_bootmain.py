@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.mounts import unmount_if_mounted
 
 import tmpfsboot
 from tmpfsboot.boot.cmdline import parse_cmdline
@@ -258,8 +259,7 @@ def tmpfs_target(tmp_path: Path) -> Iterator[Path]:
     target = tmp_path / "newroot"
     target.mkdir()
     yield target
-    if os.path.ismount(target):
-        subprocess.run(["umount", str(target)], check=True)
+    unmount_if_mounted(target)  # main() mounts it
 
 
 @pytest.mark.integration

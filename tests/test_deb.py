@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers_chroot import Chroot, cached_base, fresh_chroot, host_codename, parse_apt_mirror
+from support import REPO
+from support.chroot import Chroot, cached_base, fresh_chroot, host_codename, parse_apt_mirror
 
 from tmpfsboot import __version__
 from tmpfsboot.host.demo import build_demo_root
@@ -24,7 +25,6 @@ from tmpfsboot.host.vm import boot_vm, guest_url
 
 pytestmark = pytest.mark.vm
 
-REPO = Path(__file__).resolve().parent.parent
 HOOK = str(PACKAGED_HOOK)
 # What a tmpfsboot initramfs holds and one without it must not (lsinitramfs paths).
 TMPFSBOOT_FILES = ("usr/bin/python3.11", "scripts/tmpfs", "conf/conf.d/zz-tmpfsboot",

@@ -10,10 +10,10 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import faultserver
 import pytest
-from helpers_image import throwaway_gpg_key
-from test_vm import HOSTNAME, TIMEOUT, Images
+from support import faultserver
+from support.keys import throwaway_gpg_key
+from support.vm import HOSTNAME, TIMEOUT, Images, tmpfsboot_lines
 
 from tmpfsboot.boot.dracutnet import parse_dhcpopts, parse_override
 from tmpfsboot.boot.errors import UsageError
@@ -288,10 +288,6 @@ def boot(kernel: Path, initrd: Path, images_dir: Path, *append: str) -> BootResu
                          hostname=HOSTNAME, timeout=TIMEOUT * 3)
     assert not result.timed_out, result.console[-3000:]
     return result
-
-
-def tmpfsboot_lines(result: BootResult) -> list[str]:
-    return [line for line in result.console.splitlines() if line.startswith("tmpfsboot:")]
 
 
 def assert_layered_boot(result: BootResult, images: Images) -> None:

@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_image import diff_trees, make_full_tree, mounted_tmpfs, snapshot_tree
+from support.mounts import mounted_tmpfs
+from support.trees import diff_trees, make_full_tree, snapshot_tree
 
 from tmpfsboot.boot.acl import acl_text_to_xattr
 from tmpfsboot.boot.errors import ArchiveError

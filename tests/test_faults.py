@@ -9,23 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import re
-import socket
 import time
 
 import pytest
+from support.archives import publish, snapshot
+from support.faults import BACKOFF, Root, Scene, fetch
+from support.faultserver import error, flip, ignore_range, reset, serve, short, stall, swap
+from support.keys import GpgKey
+from support.reliability import Matrix
+from support.serve import free_port
 
-# the helpers assert too: have pytest rewrite them before they are imported
-pytest.register_assert_rewrite("archives", "faultserver", "helpers_faults", "reliability")
+from tmpfsboot.boot.errors import FetchError, PermanentHTTPError, VerificationError
+from tmpfsboot.boot.policy import Verify
 
-from archives import publish, snapshot  # noqa: E402
-from faultserver import error, flip, ignore_range, reset, serve, short, stall, swap  # noqa: E402
-from helpers_faults import BACKOFF, GpgKey, Root, Scene, fetch  # noqa: E402
-from reliability import Matrix  # noqa: E402
-
-from tmpfsboot.boot.errors import FetchError, PermanentHTTPError, VerificationError  # noqa: E402
-from tmpfsboot.boot.policy import Verify  # noqa: E402
-
-pytest_plugins = ["reliability", "helpers_faults"]
 pytestmark = pytest.mark.integration
 
 MIB = 1 << 20
@@ -275,9 +271,7 @@ def test_404_on_every_mirror_fails_fast_naming_each_url(matrix: Matrix, good: Ro
 def test_connection_refused_is_retried_then_names_the_url(matrix: Matrix,
                                                           scene: Scene) -> None:
     matrix.case("HTTP", "nothing listens on the port (retries=1)", "refused")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # free: nothing listens on it
     url = f"http://127.0.0.1:{port}/img/root.tar.zst"
     with pytest.raises(FetchError) as e:
         fetch(url, scene, retries=1)

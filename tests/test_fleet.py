@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_serve import NGINX, has_slice_module
-from tier import StormResult, run_storm
+from support.serve import NGINX, has_slice_module
+from support.tier import StormResult, run_storm
 
 NODES = 150
 CACHES = 3

@@ -18,11 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-# the helpers assert too: have pytest rewrite them before they are imported
-pytest.register_assert_rewrite("archives", "faultserver", "helpers_faults", "reliability")
-
-from archives import (  # noqa: E402
+from support.archives import (
     Member,
     claims_huge_size,
     compress,
@@ -36,13 +32,12 @@ from archives import (  # noqa: E402
     tar_of,
     truncated,
 )
-from faultserver import FaultServer, serve  # noqa: E402
-from helpers_faults import Root, Scene, fetch  # noqa: E402
-from reliability import Matrix  # noqa: E402
+from support.faults import Root, Scene, fetch
+from support.faultserver import FaultServer, serve
+from support.reliability import Matrix
 
-from tmpfsboot.boot.errors import ArchiveError, UnsafeMemberError  # noqa: E402
+from tmpfsboot.boot.errors import ArchiveError, UnsafeMemberError
 
-pytest_plugins = ["reliability", "helpers_faults"]
 pytestmark = pytest.mark.integration
 
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_https import https_server, make_ca_and_cert
+from support.https import https_server, make_ca_and_cert
 
 pytestmark = pytest.mark.integration
 

@@ -12,16 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_image import (
-    LONG_TARGET,
-    ODD_GID,
-    ODD_UID,
-    diff_trees,
-    make_full_tree,
-    mounted_tmpfs,
-    snapshot_tree,
-    throwaway_gpg_key,
-)
+from support.keys import throwaway_gpg_key
+from support.mounts import mounted_tmpfs
+from support.trees import LONG_TARGET, ODD_GID, ODD_UID, diff_trees, make_full_tree, snapshot_tree
 
 from tmpfsboot import cli
 from tmpfsboot.boot.contract import parse_sums

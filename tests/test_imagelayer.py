@@ -13,18 +13,12 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-import faultserver
 import pytest
-from helpers_image import (
-    MOUNT,
-    UMOUNT,
-    Entry,
-    diff_trees,
-    make_full_tree,
-    mounted_tmpfs,
-    snapshot_tree,
-)
-from test_engine import REQUESTS, _serve, fetch, make_tree
+from support import faultserver
+from support.archives import write_tree
+from support.faults import fetch_url
+from support.mounts import MOUNT, UMOUNT, mounted_tmpfs
+from support.trees import Entry, diff_trees, make_full_tree, snapshot_tree
 
 from tmpfsboot.boot.errors import SpaceError, UsageError, VerificationError
 from tmpfsboot.boot.imagelayer import LayerKind, check_order
@@ -33,7 +27,7 @@ from tmpfsboot.host.image import build_image
 
 pytestmark = pytest.mark.integration
 
-Served = tuple[Path, str]
+Served = tuple[Path, str, faultserver.FaultServer]  # the directory, its URL, the server
 MIB = 1 << 20
 
 
@@ -55,12 +49,11 @@ def mounts_under(path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def site(tmp_path: Path) -> Iterator[Served]:
-    """A directory served over HTTP on loopback (which ignores Range), and its URL."""
+    """A directory served over HTTP on loopback (which ignores Range), its URL, the server."""
     root = tmp_path / "www"
     root.mkdir()
-    REQUESTS.clear()
-    with _serve(root, "127.0.0.1") as base:
-        yield root, base
+    with faultserver.serve(root=root, ignore_range=True) as server:
+        yield root, server.url, server
 
 
 @dataclasses.dataclass
@@ -86,17 +79,8 @@ def node(tmp_path: Path) -> Iterator[Node]:
                         subprocess.run([UMOUNT, "--lazy", point], check=False)
 
 
-def publish_image(www: Path, tree: Path, name: str, fmt: str) -> Path:
-    """`image build --format FMT` of TREE into WWW (SHA256SUMS and manifest beside it)."""
-    return build_image(tree, www, name, fmt=fmt)
-
-
-def publish_layer(www: Path, tree: Path, name: str) -> Path:
-    return build_image(tree, www, name, include_root=False)
-
-
 def base_tree(root: Path) -> Path:
-    tree = make_tree(root, {"etc/os-release": b"ID=test\n", "usr/bin/tool": b"tool\n",
+    tree = write_tree(root, {"etc/os-release": b"ID=test\n", "usr/bin/tool": b"tool\n",
                             "etc/old.conf": b"from the image\n",
                             "var/cache/a": b"a\n", "var/cache/b": b"b\n"})
     os.chmod(tree, 0o755)
@@ -106,15 +90,15 @@ def base_tree(root: Path) -> Path:
 @pytest.mark.parametrize("fmt", ["squashfs", "erofs"])
 def test_image_base_and_tar_host_layer_boot_an_overlay(site: Served, node: Node,
                                                        tmp_path: Path, fmt: str) -> None:
-    www, base = site
-    publish_image(www, base_tree(tmp_path / "base"), "base", fmt)
-    host = make_tree(tmp_path / "host", {"etc/hostname": b"node1\n", ".wh.var": b"",
+    www, base, _ = site
+    build_image(base_tree(tmp_path / "base"), www, "base", fmt=fmt)
+    host = write_tree(tmp_path / "host", {"etc/hostname": b"node1\n", ".wh.var": b"",
                                          "etc/.wh.old.conf": b""})
-    publish_layer(www, host, "host-node1")
+    build_image(host, www, "host-node1", include_root=False)
     log = tmp_path / "boot.jsonl"
     events = EventLog(str(log))
-    fetch(f"{base}base.{fmt},{base}host-node1.tar.zst", node.target,
-          image_mounts=str(node.layers), events=events)
+    fetch_url(f"{base}base.{fmt},{base}host-node1.tar.zst", node.target,
+              image_mounts=str(node.layers), events=events)
     events.close()
     mounts = mounts_under(node.target.parent)
     assert mounts[str(node.target)] == "overlay"
@@ -137,13 +121,13 @@ def test_image_base_and_tar_host_layer_boot_an_overlay(site: Served, node: Node,
 
 
 def test_tampered_image_is_never_mounted(site: Served, node: Node, tmp_path: Path) -> None:
-    www, base = site
-    image = publish_image(www, base_tree(tmp_path / "base"), "base", "squashfs")
+    www, base, _ = site
+    image = build_image(base_tree(tmp_path / "base"), www, "base", fmt="squashfs")
     data = bytearray(image.read_bytes())
     data[200] ^= 0xFF
     image.write_bytes(bytes(data))
     with pytest.raises(VerificationError, match="SHA-256 mismatch: expected"):
-        fetch(f"{base}base.squashfs", node.target, image_mounts=str(node.layers))
+        fetch_url(f"{base}base.squashfs", node.target, image_mounts=str(node.layers))
     assert mounts_under(node.target.parent) == {str(node.target.parent): "tmpfs",
                                                 str(node.target): "tmpfs"}
     assert not any("loop" in " ".join(f) and str(node.layers) in " ".join(f)
@@ -153,36 +137,38 @@ def test_tampered_image_is_never_mounted(site: Served, node: Node, tmp_path: Pat
 
 def test_image_after_tar_layer_is_refused_before_any_download(site: Served, node: Node,
                                                                tmp_path: Path) -> None:
-    www, base = site
-    publish_image(www, base_tree(tmp_path / "base"), "base", "erofs")
-    publish_layer(www, make_tree(tmp_path / "host", {"etc/x": b"x"}), "host")
+    www, base, server = site
+    build_image(base_tree(tmp_path / "base"), www, "base", fmt="erofs")
+    build_image(write_tree(tmp_path / "host", {"etc/x": b"x"}), www, "host",
+                include_root=False)
     with pytest.raises(UsageError) as e:
-        fetch(f"{base}host.tar.zst,{base}base.erofs", node.target,
-              image_mounts=str(node.layers))
+        fetch_url(f"{base}host.tar.zst,{base}base.erofs", node.target,
+                  image_mounts=str(node.layers))
     assert str(e.value) == (f"layer 2 ({base}base.erofs) is an erofs image after tar layer 1: "
                             "image layers must come first in root=")
-    assert "/host.tar.zst" not in REQUESTS  # the tar layer was never asked for
+    assert "/host.tar.zst" not in server.paths  # the tar layer was never asked for
     assert os.listdir(node.target) == []
 
 
 def test_preflight_counts_the_image_file(site: Served, tmp_path: Path) -> None:
-    www, base = site
+    www, base, server = site
     tree = base_tree(tmp_path / "base")
     (tree / "blob").write_bytes(os.urandom(3 << 20))  # incompressible: a 3 MiB image
-    publish_image(www, tree, "base", "squashfs")
+    build_image(tree, www, "base", fmt="squashfs")
     with mounted_tmpfs(tmp_path / "small", size="2m") as target, \
             pytest.raises(SpaceError, match="image files and unpacked tar layers"):
-        fetch(f"{base}base.squashfs", target, image_mounts=str(tmp_path / "layers"))
-    assert REQUESTS.count("/base.squashfs") == 1  # the probe of its first bytes, no more
+        fetch_url(f"{base}base.squashfs", target, image_mounts=str(tmp_path / "layers"))
+    assert server.paths.count("/base.squashfs") == 1  # the probe of its first bytes, no more
 
 
 def test_host_fetch_stores_verified_images_as_files(site: Served, tmp_path: Path) -> None:
-    www, base = site
-    image = publish_image(www, base_tree(tmp_path / "base"), "base", "squashfs")
-    publish_layer(www, make_tree(tmp_path / "host", {"etc/hostname": b"h\n"}), "host")
+    www, base, _ = site
+    image = build_image(base_tree(tmp_path / "base"), www, "base", fmt="squashfs")
+    build_image(write_tree(tmp_path / "host", {"etc/hostname": b"h\n"}), www, "host",
+                include_root=False)
     out = tmp_path / "out"
     out.mkdir()
-    fetch(f"{base}base.squashfs,{base}host.tar.zst", out)
+    fetch_url(f"{base}base.squashfs,{base}host.tar.zst", out)
     assert sorted(os.listdir(out)) == ["base.squashfs", "etc"]
     assert (out / "base.squashfs").read_bytes() == image.read_bytes()
     assert (out / "etc/hostname").read_bytes() == b"h\n"
@@ -286,8 +272,8 @@ def test_image_download_resumes_after_a_reset(node: Node, tmp_path: Path) -> Non
     with faultserver.serve(files) as srv:
         # the probe, then the download: reset after 1 MiB, resumed
         srv.script("/base.squashfs", faultserver.OK, faultserver.reset(MIB))
-        fetch(f"{srv.url}base.squashfs", node.target, image_mounts=str(node.layers),
-              retries=2)
+        fetch_url(f"{srv.url}base.squashfs", node.target, image_mounts=str(node.layers),
+                  retries=2)
     assert [h.range for h in srv.requests_for("/base.squashfs")] == [
         "bytes=0-4095", None, f"bytes={MIB}-"]
     assert (node.layers / "images/1-base.squashfs").read_bytes() == files["/base.squashfs"]
@@ -300,8 +286,8 @@ def test_image_flipped_in_transit_is_fetched_again_before_any_mount(node: Node,
     files = fault_site(tmp_path)
     with faultserver.serve(files) as srv:
         srv.script("/base.squashfs", faultserver.OK, faultserver.flip(2 * MIB))
-        fetch(f"{srv.url}base.squashfs", node.target, image_mounts=str(node.layers),
-              retries=1)
+        fetch_url(f"{srv.url}base.squashfs", node.target, image_mounts=str(node.layers),
+                  retries=1)
     # probe + bad download, then the root again: probe + good download
     assert srv.count("/base.squashfs") == 4
     assert srv.count("/SHA256SUMS") == 2

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers_https import https_server
+from support.https import https_server
 
 from tmpfsboot.boot.imagelayer import MODULES
 from tmpfsboot.host.initramfs import (

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import REPO
 
 from tmpfsboot.cli import build_parser
 from tmpfsboot.cli.manpage import (
@@ -25,7 +26,6 @@ from tmpfsboot.cli.manpage import (
 
 pytestmark = pytest.mark.unit
 
-REPO = Path(__file__).resolve().parent.parent
 PAGES = ("tmpfsboot.8", "tmpfsboot-cmdline.7", "tmpfsboot.conf.5")
 
 

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_serve import (
+from support.serve import (
     NGINX,
     Nginx,
     cache_config,
@@ -60,7 +60,7 @@ def test_doc_has_origin_and_cache_configurations() -> None:
 
 @pytest.mark.integration
 def test_doc_configurations_pass_nginx_t(tmp_path: Path, image_dir: Path) -> None:
-    from helpers_serve import origin_config
+    from support.serve import origin_config
     for name, config in (("origin", origin_config(image_dir, tmp_path, 8080)),
                          ("cache", cache_config(8080, tmp_path, 8081))):
         conf = tmp_path / f"{name}.conf"

@@ -11,19 +11,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.archives import publish, snapshot
+from support.faults import CLI, Root, Scene, fetch, run_cli
+from support.faultserver import serve
+from support.mounts import mounted_tmpfs
+from support.reliability import Matrix
 
-# the helpers assert too: have pytest rewrite them before they are imported
-pytest.register_assert_rewrite("archives", "faultserver", "helpers_faults", "reliability")
+from tmpfsboot.boot.cmdline import NetFacts, parse_cmdline
+from tmpfsboot.boot.errors import CmdlineError, SpaceError
 
-from archives import publish, snapshot  # noqa: E402
-from faultserver import serve  # noqa: E402
-from helpers_faults import CLI, Root, Scene, fetch, run_cli  # noqa: E402
-from reliability import Matrix  # noqa: E402
-
-from tmpfsboot.boot.cmdline import NetFacts, parse_cmdline  # noqa: E402
-from tmpfsboot.boot.errors import CmdlineError, SpaceError  # noqa: E402
-
-pytest_plugins = ["reliability", "helpers_faults"]
 pytestmark = pytest.mark.integration
 
 IMAGE = "/img/root.tar.zst"
@@ -32,13 +28,9 @@ IMAGE = "/img/root.tar.zst"
 @contextlib.contextmanager
 def tmpfs(path: Path, size: str) -> Iterator[int]:
     """A real tmpfs of SIZE on PATH; yields its free bytes."""
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
-                    str(path)], check=True)
-    try:
+    with mounted_tmpfs(path, size=size):
         st = os.statvfs(path)
         yield st.f_bavail * st.f_frsize
-    finally:
-        subprocess.run(["umount", str(path)], check=True)
 
 
 def one_error_line(proc: subprocess.CompletedProcess[str]) -> str:

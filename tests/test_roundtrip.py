@@ -10,15 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_image import (
-    GpgKey,
-    diff_trees,
-    make_full_tree,
-    mounted_tmpfs,
-    snapshot_tree,
-    throwaway_gpg_key,
-)
-from helpers_serve import (
+from support.keys import GpgKey, throwaway_gpg_key
+from support.mounts import mounted_tmpfs
+from support.serve import (
     NGINX,
     cache_config,
     free_port,
@@ -27,6 +21,7 @@ from helpers_serve import (
     nginx_origin,
     running_nginx,
 )
+from support.trees import diff_trees, make_full_tree, snapshot_tree
 
 from tmpfsboot.host.image import build_image
 from tmpfsboot.host.serve import ImageServer, start_server

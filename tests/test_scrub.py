@@ -12,7 +12,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from helpers_image import snapshot_tree
+from support.trees import snapshot_tree
 
 from tmpfsboot import cli
 from tmpfsboot.boot.errors import UsageError

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_serve import free_port, get, held_streams, raw_request
+from support.serve import free_port, get, held_streams, raw_request
 
 from tmpfsboot.boot.errors import UsageError
 from tmpfsboot.host.request import (

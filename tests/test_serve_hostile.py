@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers_hostile import ENV, Answer, ask, minimal_nginx, vm_rss, write_section
-from helpers_serve import NGINX, Nginx, free_port, get, held_streams, read_head
+from support.hostile import Answer, ask, minimal_nginx, vm_rss, write_section
+from support.reliability import ENV
+from support.serve import NGINX, Nginx, free_port, get, held_streams, read_head
 
 from tmpfsboot.host.serve import ImageServer, start_server
 

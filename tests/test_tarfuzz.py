@@ -10,8 +10,8 @@ import random
 from pathlib import Path
 
 import pytest
-from helpers_image import mounted_tmpfs
-from tarcorpus import DATA
+from support.mounts import mounted_tmpfs
+from support.tarcorpus import DATA
 
 from tmpfsboot.boot.errors import TmpfsbootError
 from tmpfsboot.boot.extract import Extractor, empty_directory

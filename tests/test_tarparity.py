@@ -15,14 +15,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers_image import Entry, diff_trees, mounted_tmpfs, snapshot_tree
-from tarcorpus import (
+from support.mounts import mounted_tmpfs
+from support.tarcorpus import (
     GNU_EXTRACT,
     GNU_FORMATS,
     make_corpus_tree,
     make_gnu_archives,
     vendored_archives,
 )
+from support.trees import Entry, diff_trees, snapshot_tree
 
 from tmpfsboot.host.serve import ImageServer, start_server
 

@@ -1,6 +1,7 @@
-"""A real HTTP server on 127.0.0.1 that fails on purpose, for the fault matrix.
+"""The tests' one HTTP(S) server, on loopback, that fails on purpose when told to.
 
-Files live in memory (`FaultServer.files`, path -> bytes). Each path has a script: the
+Files live in memory (`FaultServer.files`, path -> bytes) or, with `serve(root=DIR)`, are
+read from DIR at each request (a plain directory server). Each path has a script: the
 behaviour of its 1st, 2nd, ... request (`Act`), then `Act()` (a correct answer) for
 every request after the script ends. Every request is recorded (path, Range, If-Range,
 the status sent and how many body bytes went out) so tests assert on request counts
@@ -8,7 +9,10 @@ and resume offsets.
 
 Correct answers carry a strong ETag (the content's hash) and Last-Modified and honour
 `Range: bytes=N-` with `If-Range`, as nginx does. One connection per request
-(`Connection: close`): the engine opens one per request anyway.
+(`Connection: close`): the engine opens one per request anyway. `serve(host="::1")`
+listens on IPv6, `serve(tls=CONTEXT)` speaks HTTPS, `serve(ignore_range=True)` answers
+every request with the whole file (as python's http.server does), and
+`FaultServer.redirect(PREFIX, TO)` redirects every path under PREFIX.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import contextlib
 import hashlib
 import http.server
 import socket
+import ssl
 import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 LAST_MODIFIED = "Wed, 01 Jan 2025 00:00:00 GMT"
 
@@ -37,6 +43,7 @@ class Act:
     flip: XOR these body offsets with 0xFF (the bytes change in transit).
     ignore_range: answer 200 with the whole file even when asked for a Range.
     swap: before answering, replace these files on the server (new content, new ETag).
+    location: the Location header of a redirect (status 3xx).
     """
 
     status: int = 200
@@ -47,6 +54,7 @@ class Act:
     flip: tuple[int, ...] = ()
     ignore_range: bool = False
     swap: tuple[tuple[str, bytes], ...] = ()
+    location: str | None = None
 
 
 OK = Act()
@@ -55,6 +63,11 @@ OK = Act()
 def error(status: int, retry_after: str | None = None) -> Act:
     """An error answer, optionally with Retry-After."""
     return Act(status=status, retry_after=retry_after)
+
+
+def redirect(location: str, status: int = 302) -> Act:
+    """A redirect to LOCATION."""
+    return Act(status=status, location=location)
 
 
 def reset(after: int) -> Act:
@@ -114,11 +127,27 @@ class FaultServer:
     hits: list[Hit] = field(default_factory=list)
     port: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    root: Path | None = None
+    host: str = "127.0.0.1"
+    scheme: str = "http"
+    ignore_range: bool = False
+    redirects: dict[str, tuple[str, int]] = field(default_factory=dict)
 
     @property
     def url(self) -> str:
         """The base URL, ending in '/'."""
-        return f"http://127.0.0.1:{self.port}/"
+        netloc = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.scheme}://{netloc}:{self.port}/"
+
+    @property
+    def paths(self) -> list[str]:
+        """The path of every request so far, in order."""
+        with self.lock:
+            return [h.path for h in self.hits]
+
+    def redirect(self, prefix: str, to: str, status: int = 302) -> None:
+        """Answer every path under PREFIX with STATUS, to TO + the rest of the path."""
+        self.redirects[prefix] = (to, status)
 
     def script(self, path: str, *acts: Act) -> None:
         """The behaviour of the next requests of PATH, in order; correct answers after."""
@@ -135,10 +164,25 @@ class FaultServer:
     def _next_act(self, path: str) -> tuple[Act, bytes | None]:
         with self.lock:
             queue = self.scripts.get(path)
-            act = queue.pop(0) if queue else OK
-            for name, data in act.swap:
-                self.files[name] = data
-            return act, self.files.get(path)
+            act = queue.pop(0) if queue else self._default_act(path)
+            for name, content in act.swap:
+                self.files[name] = content
+            data = self.files.get(path)
+            return act, data if data is not None else self._from_root(path)
+
+    def _default_act(self, path: str) -> Act:
+        for prefix, (to, status) in self.redirects.items():
+            if path.startswith(prefix):
+                return redirect(to + path.removeprefix(prefix), status)
+        return Act(ignore_range=True) if self.ignore_range else OK
+
+    def _from_root(self, path: str) -> bytes | None:
+        if self.root is None:
+            return None
+        file = (self.root / path.lstrip("/")).resolve()
+        if not file.is_relative_to(self.root.resolve()) or not file.is_file():
+            return None
+        return file.read_bytes()
 
     def _record(self, hit: Hit) -> None:
         with self.lock:
@@ -191,6 +235,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             headers = {"Content-Length": str(len(body)), "Content-Type": "text/plain"}
             if act.retry_after is not None:
                 headers["Retry-After"] = act.retry_after
+            if act.location is not None:
+                headers["Location"] = act.location
             record(status, len(body))
             self._send_head(status, headers)
             self.wfile.write(body)
@@ -238,11 +284,21 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     state: FaultServer
 
 
+class _HTTPServerV6(_HTTPServer):
+    address_family = socket.AF_INET6
+
+
 @contextlib.contextmanager
-def serve(files: dict[str, bytes] | None = None) -> Iterator[FaultServer]:
-    """A FaultServer on 127.0.0.1 (a free port) in a background thread, for a `with`."""
-    state = FaultServer(files=dict(files or {}))
-    httpd = _HTTPServer(("127.0.0.1", 0), _Handler)
+def serve(files: dict[str, bytes] | None = None, *, root: Path | None = None,
+          host: str = "127.0.0.1", tls: ssl.SSLContext | None = None,
+          ignore_range: bool = False) -> Iterator[FaultServer]:
+    """A FaultServer on HOST (loopback, a free port) in a background thread, for a `with`:
+    FILES in memory, then what ROOT holds; HTTPS with TLS."""
+    state = FaultServer(files=dict(files or {}), root=root, host=host,
+                        scheme="https" if tls else "http", ignore_range=ignore_range)
+    httpd = (_HTTPServerV6 if ":" in host else _HTTPServer)((host, 0), _Handler)
+    if tls is not None:
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True)
     httpd.state = state
     state.port = httpd.server_address[1]
     thread = threading.Thread(target=httpd.serve_forever, name="faultserver", daemon=True)

@@ -1,4 +1,4 @@
-"""Fixtures of the fault matrix (a pytest plugin: `pytest_plugins = ["helpers_faults"]`).
+"""Fixtures of the fault matrix (a pytest plugin, registered in tests/conftest.py).
 
 `scene`: a target directory with a sentinel directory beside it whose content must never
 change; `good` and `other`: two small roots made with GNU tar, as zstd images; `gpg_key`:
@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from archives import compress, gnu_tar, make_tree, snapshot, tree_size
 
+from support.archives import compress, gnu_tar, make_tree, snapshot, tree_size
+from support.keys import GpgKey, throwaway_gpg_key
 from tmpfsboot.boot.cmdline import NetFacts, parse_root, resolve_layers
 from tmpfsboot.boot.engine import fetch_root
+from tmpfsboot.boot.log import NO_EVENTS, EventLog
 from tmpfsboot.boot.policy import FetchPolicy, Verify
 
 BACKOFF = 0.01
-REPO = Path(__file__).resolve().parent.parent
-CLI = REPO / ".venv/bin/tmpfsboot"
+# the command a user runs, installed beside the interpreter running the tests
+CLI = Path(sys.executable).parent / "tmpfsboot"
 
 
 @dataclass(frozen=True)
@@ -102,35 +105,24 @@ def fetch(root: str, scene: Scene, *, retries: int | None = 3, timeout: float = 
                policy)
 
 
+def fetch_url(url: str, target: Path, *, facts: NetFacts | None = None,
+              verify: Verify = Verify.CHECKSUM, retries: int = 0,
+              events: EventLog = NO_EVENTS, image_mounts: str | None = None) -> None:
+    """Run the real engine on URL (what follows root=) into TARGET: by default no retries,
+    checksums verified, a short back-off."""
+    policy = FetchPolicy(verify=verify, retries=retries, timeout=5.0, backoff=0.01)
+    fetch_root(resolve_layers(parse_root(url), facts or NetFacts()), str(target), policy,
+               events=events, image_mounts=image_mounts)
+
+
 def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """`tmpfsboot ARGS...` as a user runs it."""
     return subprocess.run([str(CLI), *args], capture_output=True, text=True, timeout=timeout,
                           check=False)
 
 
-@dataclass(frozen=True)
-class GpgKey:
-    """A throw-away signing key."""
-
-    home: Path
-    keyring: Path
-
-    def sign(self, data: bytes) -> bytes:
-        """A detached binary signature of DATA."""
-        return subprocess.run(
-            ["gpg", "--homedir", str(self.home), "--batch", "--yes", "--detach-sign",
-             "--output", "-"], input=data, capture_output=True, check=True).stdout
-
-
 @pytest.fixture(scope="session")
-def gpg_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GpgKey]:
-    home = tmp_path_factory.mktemp("gnupg")
-    os.chmod(home, 0o700)
-    gpg = ["gpg", "--homedir", str(home), "--batch", "--passphrase", ""]
-    subprocess.run([*gpg, "--quick-gen-key", "tmpfsboot test <test@example.invalid>",
-                    "ed25519", "sign", "never"], check=True, capture_output=True)
-    keyring = home / "pubring.export.gpg"
-    keyring.write_bytes(subprocess.run([*gpg, "--export"], check=True,
-                                       capture_output=True).stdout)
-    yield GpgKey(home, keyring)
-    subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], check=False)
+def gpg_key() -> Iterator[GpgKey]:
+    """One throw-away signing key for the session."""
+    with throwaway_gpg_key() as key:
+        yield key

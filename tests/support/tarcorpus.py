@@ -7,7 +7,9 @@ import os
 import subprocess
 from pathlib import Path
 
-DATA = Path(__file__).resolve().parent / "data" / "tar"
+from support import TESTS
+
+DATA = TESTS / "data" / "tar"
 GNU_EXTRACT = ["tar", "--xattrs", "--xattrs-include=*", "--acls", "--selinux",
                "--numeric-owner", "-xpf"]
 GNU_CREATE = ["tar", "--numeric-owner"]

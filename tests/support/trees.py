@@ -1,16 +1,13 @@
-"""Test helpers for images: tmpfs mounts, a tree holding every kind of member, a
-metadata snapshot to compare trees entry by entry, and throw-away gpg keys."""
+"""Test helpers for images: a tree holding every kind of member, and a metadata snapshot
+to compare trees entry by entry."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import shutil
 import stat
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,23 +18,6 @@ STICKY_DIR_MODE = 0o1777
 ODD_UID, ODD_GID = 1234, 5678
 CAPABILITY = "cap_net_raw=ep"
 LONG_TARGET = "/usr/lib/" + "a-very-long-symlink-target-" * 4 + "end"
-
-
-# Resolved once, at import: tests that empty PATH must not leave mounts behind.
-MOUNT = shutil.which("mount") or "/bin/mount"
-UMOUNT = shutil.which("umount") or "/bin/umount"
-
-
-@contextlib.contextmanager
-def mounted_tmpfs(path: Path, *, size: str = "256m", mode: str = "0755") -> Iterator[Path]:
-    """A fresh tmpfs mounted on PATH (created if missing), unmounted afterwards."""
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run([MOUNT, "-t", "tmpfs", "-o", f"size={size},mode={mode}", "tmpfs",
-                    str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run([UMOUNT, "--lazy", str(path)], check=True)
 
 
 def _set_mtime(path: Path, ns: int) -> None:
@@ -250,38 +230,3 @@ def diff_trees(want: dict[str, Entry], got: dict[str, Entry]) -> list[str]:
             if va != vb:
                 problems.append(f"{p}: {field}: want {va!r}, got {vb!r}")
     return problems
-
-
-@dataclass(frozen=True)
-class GpgKey:
-    """A throw-away signing key: its home, fingerprint and an exported keyring."""
-
-    homedir: Path
-    fingerprint: str
-    keyring: Path
-
-
-@contextlib.contextmanager
-def throwaway_gpg_key() -> Iterator[GpgKey]:
-    """A fresh ed25519 signing key in a private GNUPGHOME (short path: gpg-agent's
-    socket name must fit in sun_path), removed with its agent afterwards."""
-    home = Path(tempfile.mkdtemp(prefix="tbgpg", dir="/tmp"))
-    os.chmod(home, 0o700)
-    env = {**os.environ, "GNUPGHOME": str(home)}
-    try:
-        subprocess.run(["gpg", "--batch", "--homedir", str(home), "--passphrase", "",
-                        "--quick-gen-key", "tmpfsboot test <test@example.invalid>",
-                        "ed25519", "sign", "never"], check=True, capture_output=True, env=env)
-        out = subprocess.run(["gpg", "--batch", "--homedir", str(home), "--with-colons",
-                              "--list-secret-keys"], check=True, capture_output=True,
-                             env=env).stdout.decode()
-        fpr = next(line.split(":")[9] for line in out.splitlines() if line.startswith("fpr:"))
-        keyring = home / "pubring-export.gpg"
-        exported = subprocess.run(["gpg", "--batch", "--homedir", str(home), "--export",
-                                   fpr], check=True, capture_output=True, env=env).stdout
-        keyring.write_bytes(exported)
-        yield GpgKey(home, fpr, keyring)
-    finally:
-        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"],
-                       check=False, capture_output=True)
-        shutil.rmtree(home, ignore_errors=True)

@@ -12,8 +12,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from support import REPO
+
 NGINX = Path("/usr/sbin/nginx")
-NGINX_DOC = Path(__file__).resolve().parent.parent / "docs" / "nginx.md"
+NGINX_DOC = REPO / "docs" / "nginx.md"
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from helpers_serve import NGINX, cache_config, with_temp_paths
+from support import REPO
+from support.serve import NGINX, cache_config, with_temp_paths
 
-REPO = Path(__file__).resolve().parent.parent
 SWARM = REPO / "bench" / "swarm.py"
 sys.path.insert(0, str(SWARM.parent))
 from swarm import NodeRecord  # noqa: E402 (bench/ is no package: made importable above)

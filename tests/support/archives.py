@@ -94,6 +94,27 @@ def publish(files: dict[str, bytes], directory: str, name: str, image: bytes, *,
     return Published(base + filename, digest, len(image))
 
 
+def write_tree(root: Path, files: dict[str, bytes]) -> Path:
+    """ROOT holding FILES (relative path -> content), parents made as needed."""
+    for name, data in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return root
+
+
+def publish_dir(www: Path, name: str, tree: Path, compressor: list[str] | None) -> None:
+    """NAME in the directory WWW (for `serve(root=WWW)`): a GNU tar (pax) of TREE piped
+    through the command COMPRESSOR, added to WWW/SHA256SUMS."""
+    tar = subprocess.run(["tar", "--format=pax", "--numeric-owner", "-C", str(tree), "-c", "."],
+                         check=True, capture_output=True).stdout
+    data = subprocess.run(compressor, input=tar, check=True,
+                          capture_output=True).stdout if compressor else tar
+    (www / name).write_bytes(data)
+    with open(www / "SHA256SUMS", "a") as f:
+        f.write(f"{hashlib.sha256(data).hexdigest()}  {name}\n")
+
+
 def tree_size(root: Path) -> int:
     """Bytes the tree takes on a tmpfs, roughly (file sizes rounded up to pages)."""
     total = 0

@@ -1,16 +1,16 @@
-"""Test helpers for HTTPS: a throw-away CA and an HTTPS image server on 127.0.0.1."""
+"""Test helpers for HTTPS: a throw-away CA, and the fault server speaking HTTPS on
+127.0.0.1 with a certificate it signed."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
-import http.server
 import ssl
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+from support.faultserver import serve
 
 
 def make_ca_and_cert(d: Path) -> tuple[Path, Path, Path]:
@@ -30,27 +30,16 @@ def make_ca_and_cert(d: Path) -> tuple[Path, Path, Path]:
     return d / "ca.pem", d / "srv.pem", d / "srv.key"
 
 
-class _Quiet(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @contextlib.contextmanager
 def https_server(www: Path, tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """(base URL, CA file) of an HTTPS server on 127.0.0.1 serving WWW, with a
-    SHA256SUMS written for every file in it."""
+    """(base URL, CA file) of an HTTPS server on 127.0.0.1 serving WWW (the fault server,
+    Range ignored as python's http.server does), with a SHA256SUMS written for every
+    file in it."""
     sums = "".join(f"{hashlib.sha256(f.read_bytes()).hexdigest()}  {f.name}\n"
                    for f in sorted(www.iterdir()) if f.name != "SHA256SUMS")
     (www / "SHA256SUMS").write_text(sums)
     ca, cert, key = make_ca_and_cert(tmp_path)
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(_Quiet, directory=str(www)))
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
-    server.socket = context.wrap_socket(server.socket, server_side=True)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"https://127.0.0.1:{server.server_address[1]}/", ca
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve(root=www, tls=context, ignore_range=True) as server:
+        yield server.url, ca

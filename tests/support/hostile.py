@@ -9,7 +9,6 @@ client's patience) or `HTTP/0.9 body` (bytes without a status line).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import socket
 import time
@@ -17,11 +16,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers_serve import Nginx, free_port, running_nginx
+from support.report import read_file, replace_between, write_file
+from support.serve import Nginx, free_port, running_nginx
 
 BEGIN = "<!-- hostile-server:begin -->"
 END = "<!-- hostile-server:end -->"
-ENV = "TMPFSBOOT_RELIABILITY_REPORT"
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
 
 
@@ -118,13 +117,4 @@ def vm_rss(pid: int) -> int:
 
 def write_section(path: str, block: str) -> None:
     """Replace the text between BEGIN and END in PATH (append it if absent)."""
-    text = Path(path).read_text(encoding="utf-8") if os.path.exists(path) else ""
-    block = f"{BEGIN}\n\n{block.strip()}\n\n{END}"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        _, _, tail = rest.partition(END)
-        text = head + block + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    Path(path + ".tmp").write_text(text, encoding="utf-8")
-    os.replace(path + ".tmp", path)
+    write_file(path, replace_between(read_file(path), BEGIN, END, f"\n{block.strip()}\n"))
