@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 from support import REPO
-from support.chroot import Chroot, cached_base, fresh_chroot, host_codename, parse_apt_mirror
+from support.chroot import Chroot, fresh_chroot
 
 from tmpfsboot import __version__
+from tmpfsboot.host.debootstrap import cached_root
 from tmpfsboot.host.demo import build_demo_root
 from tmpfsboot.host.dracut import render_module
 from tmpfsboot.host.image import build_image
@@ -29,40 +30,6 @@ HOOK = str(PACKAGED_HOOK)
 # What a tmpfsboot initramfs holds and one without it must not (lsinitramfs paths).
 TMPFSBOOT_FILES = ("usr/bin/python3.11", "scripts/tmpfs", "conf/conf.d/zz-tmpfsboot",
                    "usr/lib/python3.11/tmpfsboot/boot/main.pyc")
-
-
-DEB822 = """\
-Types: deb
-URIs: http://mirror.test/debian
-Suites: bookworm bookworm-updates
-Components: main
-
-Types: deb
-URIs: http://security.test/debian-security
-Suites: bookworm-security
-Components: main
-"""
-MIRROR_CASES = [
-    ([("debian.sources", DEB822)], "bookworm", "http://mirror.test/debian"),
-    ([("debian.sources", DEB822)], "bookworm-security", "http://security.test/debian-security"),
-    ([("debian.sources", DEB822.replace("Types: deb\nURIs: http://m", "Types: deb\n"
-                                        "Enabled: no\nURIs: http://m"))], "bookworm", None),
-    ([("x.list.disabled", "deb http://no.test/debian bookworm main\n"),
-      ("sources.list", "# deb http://old.test/debian bookworm main\n"
-                       "deb-src http://src.test/debian bookworm main\n"
-                       "deb [arch=amd64 signed-by=/k.gpg] http://one.test/debian bookworm main\n")],
-     "bookworm", "http://one.test/debian"),
-    ([("a.list", "deb [arch=amd64 signed-by=/k.gpg] http://one.test/debian bookworm main "
-                 "contrib\n")], "bookworm", "http://one.test/debian"),
-    ([("a.list", "deb http://one.test/debian bookworm contrib\n")], "bookworm", None),
-]
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize(("files", "suite", "expected"), MIRROR_CASES)
-def test_parse_apt_mirror(files: list[tuple[str, str]], suite: str,
-                          expected: str | None) -> None:
-    assert parse_apt_mirror(files, suite) == expected
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +125,7 @@ class Installed:
 
 @pytest.fixture(scope="module")
 def installed(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
-    tarball = cached_base(host_codename())
+    tarball = cached_root()
     with fresh_chroot(tarball, tmp_path_factory.mktemp("chroot") / "root") as chroot:
         shutil.copyfile(deb, chroot.path(f"/tmp/{deb.name}"))
         chroot.run("apt-get", "update")  # a cached base's lists may be behind the mirror
