@@ -18,6 +18,7 @@ from tmpfsboot.boot.tarheader import (
     Member,
     TypeFlag,
 )
+from tmpfsboot.boot.tarstream import Reader
 
 pytestmark = pytest.mark.unit
 
@@ -45,7 +46,7 @@ def with_field(archive: bytes, offset: int, value: bytes, *, header: int = 0) ->
 
 
 def members(archive: bytes) -> list[Member]:
-    parser = HeaderParser(io.BytesIO(archive).read)
+    parser = HeaderParser(Reader(io.BytesIO(archive).readinto))
     found = []
     while (m := parser.next_member()) is not None:
         found.append(m)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from .acl import acl_text_to_xattr, read_id_table
 from .errors import ArchiveError, SpaceError, UnsafeMemberError
+from .filewrite import POOL_FILE_MAX, WriteFailed, WritePool, finish_file
 from .tarheader import (
     BLOCKDEV,
     CHAR,
@@ -33,10 +34,10 @@ from .tarheader import (
     Member,
     read_sparse_map,
 )
+from .tarstream import Reader
 
 log = logging.getLogger("tmpfsboot")
 
-READ_SIZE = 1 << 20
 MAX_SYMLINK_DEPTH = 40
 
 WHITEOUT = ".wh."
@@ -69,78 +70,14 @@ def normalize_name(name: str) -> str:
     return "/".join(parts)
 
 
-class _Reader:
-    """Exact reads from a pipe into one reused buffer (a fresh 1 MiB per read costs page
-    faults), with as few copies as possible."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buf = bytearray(READ_SIZE)
-        self.view = memoryview(self.buf)
-        self.pos = 0
-        self.end = 0
-
-    def _fill(self) -> bool:
-        self.end = os.readv(self.fd, [self.buf])
-        self.pos = 0
-        return self.end > 0
-
-    def read(self, n: int) -> bytes:
-        """Exactly N bytes; b'' at a clean end of stream; ArchiveError if cut short."""
-        pos = self.pos
-        if self.end - pos >= n:
-            self.pos = pos + n
-            return bytes(self.view[pos : pos + n])
-        parts = [bytes(self.view[self.pos : self.end])]
-        have = len(parts[0])
-        while have < n:
-            if not self._fill():
-                if have == 0:
-                    return b""
-                raise ArchiveError("truncated archive: the stream ended inside a member")
-            take = min(n - have, self.end)
-            parts.append(bytes(self.view[:take]))
-            self.pos = take
-            have += take
-        return b"".join(parts)
-
-    def copy(self, fd: int, n: int, name: str, *, pad: int = 0) -> None:
-        """Write the next N bytes to FD, then skip PAD bytes (a member's block padding)."""
-        pos = self.pos
-        if pos + n + pad <= self.end:  # the common case: all in the buffer, one write
-            written = os.write(fd, self.view[pos : pos + n])
-            self.pos = pos + written
-            n -= written
-            if not n:
-                self.pos += pad
-                return
-        while n > 0:
-            if self.pos >= self.end and not self._fill():
-                raise ArchiveError(f"truncated archive: the stream ended inside {name!r}")
-            take = min(n, self.end - self.pos)
-            chunk = self.view[self.pos : self.pos + take]
-            while chunk:
-                written = os.write(fd, chunk)
-                chunk = chunk[written:]
-            self.pos += take
-            n -= take
-        if pad:
-            self.skip(pad)
-
-    def skip(self, n: int) -> None:
-        while n > 0:
-            if self.pos >= self.end and not self._fill():
-                raise ArchiveError("truncated archive: the stream ended inside a member")
-            take = min(n, self.end - self.pos)
-            self.pos += take
-            n -= take
-
-
 class Extractor:
     """Extracts tar streams into ROOT, one layer after another, never writing outside it."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, writers: int | None = None) -> None:
+        """WRITERS: threads finishing files beside the parsing one (0: none); by default
+        as many as the CPUs this process may use, none with one CPU."""
         self.root = os.path.abspath(root)
+        self.writers = writers
         self.same_owner = os.geteuid() == 0
         # logical directory path -> real path relative to root, known to be a directory
         self._dirs: dict[str, str] = {"": ""}
@@ -208,7 +145,8 @@ class Extractor:
 
     def _forget_dirs(self) -> None:
         """A directory was removed or replaced: the cache may point through it."""
-        self._dirs = {"": ""}
+        self._dirs.clear()
+        self._dirs[""] = ""
 
     def _remove(self, path: str) -> None:
         """Remove whatever is at PATH (never following a symlink)."""
@@ -241,29 +179,79 @@ class Extractor:
             os.umask(umask)
 
     def _extract(self, fd: int, label: str) -> ExtractStats:
-        reader = _Reader(fd)
-        parser = HeaderParser(reader.read)
+        reader = Reader.from_fd(fd)
+        parser = HeaderParser(reader)
         stats = ExtractStats()
         self._layer_paths = set()
         self._deferred_dirs = []
-        while (m := parser.next_member()) is not None:
-            stats.members += 1
-            if m.sparse_map_in_data:
-                read_sparse_map(reader.read, m)
-            if m.kind != REGULAR and m.size:  # data no file takes (dumpdirs, labels)
-                reader.skip(m.size + (-m.size % 512))
-            try:
-                self._extract_member(m, reader, stats)
-            except OSError as e:
-                if e.errno == errno.ENOSPC:
-                    raise SpaceError(
-                        f"the root file system is full at tar member {m.name!r} "
-                        f"({label or 'layer'}); give it more room (rootsize=)") from e
-                raise ArchiveError(f"tar member {m.name!r}: {e.strerror}") from e
+        pool = WritePool.sized(self.writers)
+        try:
+            self._members(parser, reader, stats, pool, label)
+        finally:
+            if pool is not None:
+                pool.close()
         self._finish_dirs()
+        stats.members = parser.count
         return stats
 
-    def _extract_member(self, m: Member, reader: _Reader, stats: ExtractStats) -> None:
+    def _members(self, parser: HeaderParser, reader: Reader, stats: ExtractStats,
+                 pool: WritePool | None, label: str) -> None:
+        """Every member up to the end-of-archive block. The plain files of the parser's
+        fast path, most of a root, are created inline: each step here is paid per file."""
+        next_fast, dirs, layer_paths = parser.next_fast, self._dirs, self._layer_paths
+        root_fd, setgid_dirs = self._root_fd, self._setgid_dirs
+        owner = (self._euid, self._egid) if self.same_owner else None
+        name = ""
+        try:
+            while True:
+                if (fast := next_fast()) is None:
+                    if (m := parser.next_general()) is None:
+                        break
+                    name = m.name
+                    self._general_member(m, reader, stats)
+                    continue
+                name, kind, mode, uid, gid, size, mtime_ns = fast
+                parent, _, base = name.rpartition("/")
+                real_parent = dirs.get(parent)
+                if (kind != REGULAR or real_parent is None or base.startswith(WHITEOUT)
+                        or name.startswith(("/", ".")) or "//" in name or "/." in name):
+                    self._general_member(Member(*fast), reader, stats)
+                    continue
+                rel = f"{real_parent}/{base}" if real_parent else base
+                layer_paths.add(rel)
+                try:
+                    fd = os.open(rel, _O_CREATE, mode, dir_fd=root_fd)
+                except FileExistsError:
+                    fd = self._create(rel, mode)
+                stats.files += 1
+                stats.bytes += size
+                chown = owner is not None and (owner != (uid, gid) or real_parent in setgid_dirs)
+                pad = -size % 512
+                if pool is not None and size <= POOL_FILE_MAX:
+                    pool.submit((fd, reader.take(size, pad, name), name, chown, uid, gid,
+                                 mode, mtime_ns))
+                    continue
+                try:
+                    if size:
+                        reader.copy(fd, size, name, pad=pad)
+                    finish_file(fd, chown, uid, gid, mode, mtime_ns)
+                finally:
+                    os.close(fd)
+            if pool is not None:
+                pool.drain()
+        except WriteFailed as e:
+            raise _member_error(e.error, e.name, label) from e.error
+        except OSError as e:
+            raise _member_error(e, name, label) from e
+
+    def _general_member(self, m: Member, reader: Reader, stats: ExtractStats) -> None:
+        if m.sparse_map_in_data:
+            read_sparse_map(reader.read, m)
+        if m.kind != REGULAR and m.size:  # data no file takes (dumpdirs, labels)
+            reader.skip(m.size + (-m.size % 512))
+        self._extract_member(m, reader, stats)
+
+    def _extract_member(self, m: Member, reader: Reader, stats: ExtractStats) -> None:
         name = normalize_name(m.name)
         kind = m.kind
         if not name:
@@ -321,37 +309,34 @@ class Extractor:
             self._remove(path)
             create()
 
-    def _write_file(self, rel: str, real_parent: str, m: Member, reader: _Reader) -> None:
-        # Created with its final mode (the umask is 0 while extracting): most files of a
-        # root belong to root, so neither fchown nor fchmod is needed - the hot path.
+    def _create(self, rel: str, mode: int) -> int:
+        """A new file at REL with MODE (the umask is 0 while extracting), replacing what
+        is there; most files of a root belong to root, so neither fchown nor fchmod is
+        needed - the hot path."""
         try:
-            fd = os.open(rel, _O_CREATE, m.mode, dir_fd=self._root_fd)
+            return os.open(rel, _O_CREATE, mode, dir_fd=self._root_fd)
         except FileExistsError:
             self._remove(self._real(rel))
-            fd = os.open(rel, _O_CREATE, m.mode, dir_fd=self._root_fd)
+            return os.open(rel, _O_CREATE, mode, dir_fd=self._root_fd)
+
+    def _write_file(self, rel: str, real_parent: str, m: Member, reader: Reader) -> None:
+        fd = self._create(rel, m.mode)
         try:
             if m.sparse is not None:
                 self._write_sparse(fd, m, reader)
                 reader.skip(-m.size % 512)
             elif m.size:
                 reader.copy(fd, m.size, m.name, pad=-m.size % 512)
-            if self.same_owner and (m.uid != self._euid or m.gid != self._egid
-                                    or real_parent in self._setgid_dirs):
-                os.fchown(fd, m.uid, m.gid)
-                if m.mode & 0o6000:
-                    os.fchmod(fd, m.mode)  # chown cleared the setuid and setgid bits
+            chown = self.same_owner and (m.uid != self._euid or m.gid != self._egid
+                                         or real_parent in self._setgid_dirs)
+            finish_file(fd, chown, m.uid, m.gid, m.mode, m.mtime_ns)
             if m.xattrs or m.acls:
                 self._set_xattrs(fd, m, follow=True)  # after chown and data: both clear caps
-            mtime_ns = m.mtime_ns
-            if mtime_ns % 1_000_000_000:
-                os.utime(fd, ns=(mtime_ns, mtime_ns))
-            else:  # whole seconds (a .deb's files): cheaper to convert than nanoseconds
-                os.utime(fd, (mtime_ns // 1_000_000_000,) * 2)
         finally:
             os.close(fd)
 
     @staticmethod
-    def _write_sparse(fd: int, m: Member, reader: _Reader) -> None:
+    def _write_sparse(fd: int, m: Member, reader: Reader) -> None:
         """The pieces at their offsets; the holes between them stay holes."""
         assert m.sparse is not None
         left = m.size
@@ -468,6 +453,14 @@ class Extractor:
         rel = f"{real_parent}/{victim}" if real_parent else victim
         if rel not in self._layer_paths:
             self._remove(self._real(rel))
+
+
+def _member_error(e: OSError, name: str, label: str) -> Exception:
+    """What an OSError at member NAME means: a full root, or a member that cannot be."""
+    if e.errno == errno.ENOSPC:
+        return SpaceError(f"the root file system is full at tar member {name!r} "
+                          f"({label or 'layer'}); give it more room (rootsize=)")
+    return ArchiveError(f"tar member {name!r}: {e.strerror or e}")
 
 
 def empty_directory(path: str) -> None:

@@ -64,7 +64,7 @@ def header_name(block: bytes) -> str:
     return name.decode("utf-8", "surrogateescape")
 
 
-def unsigned_sum(block: bytes) -> int:
+def unsigned_sum(block: bytes | bytearray) -> int:
     """The sum of a block's 512 bytes: zlib's adler32 sums in C, exactly while the sum
     stays below its modulus 65521 (256 bytes sum to at most 65280)."""
     return (adler32(block[:256]) & 0xFFFF) + (adler32(block[256:]) & 0xFFFF) - 2
@@ -85,7 +85,7 @@ def verify_checksum(block: bytes) -> bool:
     return signed == stored
 
 
-def checksum_ok(block: bytes) -> bool:
+def checksum_ok(block: bytes | bytearray) -> bool:
     """The checksum spelt "%06o\\0 " (GNU tar, pax) and right, computed once; any other
     spelling, a signed sum or the end-of-archive block are for `verify_checksum`."""
     field = block[148:154]
@@ -98,6 +98,14 @@ def checksum_ok(block: bytes) -> bool:
                 and int(field, 8) == total - sum(block[148:156]) + 256)
     except ValueError:  # an 8 or a 9
         return False
+
+
+def checksum_is(block: bytes | bytearray, digits: bytes) -> bool:
+    """BLOCK's checksum is right, its field being DIGITS (six octal digits) then "\\0 ",
+    as a caller's match already saw: the fast path's `checksum_ok`."""
+    total = (adler32(block) & 0xFFFF) - 1 if block.isascii() else unsigned_sum(block)
+    # the field is summed as eight spaces (256), not as its digits, NUL and space
+    return int(digits, 8) == total - sum(digits) - 32 + 256
 
 
 FRACTION_SCALE = tuple(10 ** (9 - n) for n in range(10))  # nanoseconds per unit of a

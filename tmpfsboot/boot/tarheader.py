@@ -15,6 +15,7 @@ throughput is the goal: a root has tens of thousands of members. The fields them
 from __future__ import annotations
 
 import enum
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from .tarfields import (
     FRACTION_SCALE,
     MAX_ID,
     MAX_NUMBER,
+    checksum_is,
     checksum_ok,
     cstr,
     fail,
@@ -34,6 +36,7 @@ from .tarfields import (
     verify_checksum,
     xattr_record,
 )
+from .tarstream import Reader
 
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
@@ -86,6 +89,19 @@ _KNOWN = frozenset(f[0] for f in TypeFlag)
 _REGULAR_FLAGS = frozenset((REGULAR, 0, TypeFlag.CONTIGUOUS[0]))
 _SKIPPED = frozenset((SKIP, TypeFlag.GNU_MULTIVOL[0]))
 _OCTAL_OR_PAD = b"01234567 \0"
+
+# The fast path (`next_fast`): the blocks `image build` writes, each matched whole. A pax
+# header block from its size field on (size, mtime, checksum, typeflag x); its one record, an
+# mtime; a file or directory header from its mode field to its magic (mode+uid+gid,
+# size, mtime, checksum, typeflag, an empty link name).
+_PAX_BLOCK = re.compile(rb"([0-7]{11})\0.{12}([0-7]{6})\0 x", re.DOTALL)
+_PAX_MTIME = re.compile(rb"(\d{1,3}) mtime=(\d{1,18})(?:\.(\d{1,9}))?\n")
+_FILE_BLOCK = re.compile(rb"([0-7]{7}\0[0-7]{7}\0[0-7]{7})\0([0-7]{11})\0([0-7]{11})\0"
+                         rb"([0-7]{6})\0 ([05])\0{100}ustar\x0000")
+_ZERO_SIZE = b"0" * 11
+_FAST_HEADERS = 3 * BLOCK  # a pax header, its record block and the member's header
+
+FastMember = tuple[str, int, int, int, int, int, int]
 
 
 @dataclass(slots=True)
@@ -158,76 +174,80 @@ def read_sparse_map(read: Callable[[int], bytes], member: Member) -> int:
 
 
 class HeaderParser:
-    """Turns a tar stream, read through READ, into Member records, one per `next_member()`."""
+    """Turns a tar stream, read through READER, into Member records, one per
+    `next_member()`; `next_fast()` gives what `image build` writes as plain tuples."""
 
-    def __init__(self, read: Callable[[int], bytes]) -> None:
-        self.read = read
+    def __init__(self, reader: Reader) -> None:
+        self.reader = reader
+        self.read = reader.read
         self.global_pax: dict[str, bytes] = {}
         self.count = 0
-        # raw mode, uid and gid fields -> (mode, uid, gid), for fields the general path
-        # parsed inline: a root repeats a handful of them
+        # raw mode, uid and gid fields -> (mode, uid, gid): a root repeats a handful
         self._ids: dict[bytes, tuple[int, int, int]] = {}
 
     def next_member(self) -> Member | None:
-        """The next member; None at the end-of-archive block. Raises ArchiveError.
+        """The next member; None at the end-of-archive block. Raises ArchiveError."""
+        fast = self.next_fast()
+        if fast is not None:
+            return Member(*fast)
+        return self.next_general()
 
-        The fast path takes what `image build` writes for almost every member: a plain
-        ustar header of a file or directory with octal fields, after a pax header that
-        holds only an mtime (when the mtime has a fraction). Anything else, or anything
-        odd in those, goes to `_general`, which parses every format (and gives the same
-        Member for these: tests/test_tarfast.py).
+    def next_general(self) -> Member | None:
+        """The next member, of any format, parsed in full (None at the end)."""
+        return self._general(self.read(BLOCK), None)
+
+    def next_fast(self) -> FastMember | None:
+        """The next member as (name, kind, mode, uid, gid, size, mtime_ns) if it has the
+        shape `image build` gives almost every member, else None with nothing consumed.
+
+        That shape: a plain ustar header of a file or directory (octal fields, no prefix,
+        the checksum spelt "%06o\\0 "), after a pax header holding only an mtime when the
+        mtime has a fraction. Each block is checked by one match and one checksum, and
+        gives the same member `_general` gives for the same bytes (tests/test_tarfast.py);
+        anything else, odd or merely rarer, is left to `_general`.
         """
-        block = self.read(BLOCK)
-        if self.global_pax:
-            return self._general(block, None)
-        if block[156:157] != b"x":
-            return self._plain(block, None)
-        if len(block) < BLOCK or not checksum_ok(block):
-            return self._general(block, None)
-        try:
-            size = int(block[124:135], 8) if block[124:135].isdigit() else -1
-        except ValueError:
-            size = -1
-        if not 0 < size < BLOCK or block[135]:
-            return self._general(block, None)
-        data = self.read(2 * BLOCK)  # the records and the next header, in one read
-        if len(data) < BLOCK:
-            raise fail(block, "truncated archive inside an extended header")
-        space = data.find(b" ", 0, 4)
-        if (space < 0 or not data[:space].isdigit() or int(data[:space]) != size
-                or data[size - 1] != 0x0A or data[space + 1 : space + 7] != b"mtime="):
-            return self._general(data[BLOCK:], parse_pax(data[:size], block))
-        return self._plain(data[BLOCK:], data[space + 7 : size - 1])
-
-    def _plain(self, block: bytes, mtime: bytes | None) -> Member | None:
-        """The member whose header is BLOCK, after a pax header with only MTIME (or none)."""
-        flag = block[156:157]
-        if ((flag != b"0" and flag != b"5") or block[345:346] != b"\0" or len(block) < BLOCK
-                or not checksum_ok(block)):
-            return self._general(block, None if mtime is None else [("mtime", mtime)])
-        ids = self._ids.get(block[100:124])
-        try:
-            size, seconds = int(block[124:135], 8), int(block[136:147], 8)
-        except ValueError:
-            ids = None
-        raw_name = block[0:100]
-        end = raw_name.find(0)
-        if (ids is None or end < 1 or raw_name[end - 1] == 0x2F or block[135] or block[147]
-                or block[124:148].translate(None, _OCTAL_OR_PAD) or (size and flag == b"5")):
-            return self._general(block, None if mtime is None else [("mtime", mtime)])
-        if mtime is None:
-            mtime_ns = seconds * 1_000_000_000
-        else:
-            whole, dot, frac = mtime.partition(b".")
-            if (len(whole) > 18 or not whole.isdigit()
-                    or (dot and not (len(frac) <= 9 and frac.isdigit()))):
-                return self._general(block, [("mtime", mtime)])
-            mtime_ns = whole_ns = int(whole) * 1_000_000_000
-            if dot:
-                mtime_ns = whole_ns + int(frac) * FRACTION_SCALE[len(frac)]
+        reader = self.reader
+        if (reader.end - reader.pos < _FAST_HEADERS and reader.ensure(_FAST_HEADERS)
+                < _FAST_HEADERS) or self.global_pax:
+            return None  # near the end of the stream: the general path reads it
+        buf, pos = reader.buf, reader.pos
+        mtime_ns = -1
+        if buf[pos + 156] == 0x78:  # x
+            pax = _PAX_BLOCK.match(buf, pos + 124)
+            record = pax and _PAX_MTIME.match(buf, pos + BLOCK)
+            if record is None or not pax:
+                return None
+            size = int(pax[1], 8)
+            if (record.end() != pos + BLOCK + size or int(record[1]) != size
+                    or not checksum_is(buf[pos : pos + BLOCK], pax[2])):
+                return None
+            whole, frac = record.group(2, 3)
+            mtime_ns = int(whole) * 1_000_000_000
+            if frac:
+                mtime_ns += int(frac) * FRACTION_SCALE[len(frac)]
+            pos += 2 * BLOCK
+        header = _FILE_BLOCK.match(buf, pos + 100)
+        if header is None or buf[pos + 345]:
+            return None
+        raw_ids, size_field, seconds, checksum, flag = header.groups()
+        end = buf.find(0, pos, pos + 100)
+        if end < 0:
+            end = pos + 100
+        if (end == pos or (flag == b"0" and buf[end - 1] == 0x2F)
+                or (flag == b"5" and size_field != _ZERO_SIZE)
+                or not checksum_is(buf[pos : pos + BLOCK], checksum)):
+            return None
+        ids = self._ids.get(raw_ids)
+        if ids is None:
+            ids = (int(raw_ids[0:7], 8) & 0o7777, int(raw_ids[8:15], 8), int(raw_ids[16:23], 8))
+            if len(self._ids) < 1024:
+                self._ids[raw_ids] = ids
+        if mtime_ns < 0:
+            mtime_ns = int(seconds, 8) * 1_000_000_000
+        reader.pos = pos + BLOCK
         self.count += 1
-        return Member(raw_name[:end].decode("utf-8", "surrogateescape"), flag[0], ids[0],
-                      ids[1], ids[2], size, mtime_ns)
+        return (buf[pos:end].decode("utf-8", "surrogateescape"), flag[0], *ids,
+                int(size_field, 8), mtime_ns)
 
     def _general(self, block: bytes, pax: list[tuple[str, bytes]] | None) -> Member | None:
         """The next member, BLOCK being its first header block (any format)."""
