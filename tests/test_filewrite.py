@@ -1,16 +1,14 @@
-"""The parallel writer (issue 13 item 2): files finished by a pool of threads come out
+"""The parallel writer (issue 13 item 2): files written by worker processes come out
 exactly as a serial extraction makes them, every ordering guarantee kept; a failure in a
-pool thread is the member's error, and no thread outlives the extraction."""
+worker is the member's error, and no worker outlives the extraction."""
 
 from __future__ import annotations
 
 import io
 import os
-import resource
 import subprocess
 import sys
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -66,10 +64,19 @@ ORDERINGS = tar_bytes(
 )
 
 
+def children() -> set[int]:
+    """This process's child processes."""
+    found: set[int] = set()
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as f:
+            found.update(int(pid) for pid in f.read().split())
+    return found
+
+
 def extract_both(archive: bytes, tmp_path: Path, *layers: bytes) -> tuple[
         dict[str, Entry], dict[str, Entry], Path]:
-    """ARCHIVE (then LAYERS) extracted serially and with a pool of 3 threads; both
-    snapshots and the pooled root (still mounted while the caller's block runs)."""
+    """ARCHIVE (then LAYERS) extracted serially and with 3 workers (the first layer
+    only: later ones go into a root that is not empty); both snapshots."""
     snaps = []
     for writers in (0, 3):
         with mounted_tmpfs(tmp_path / f"w{writers}") as root:
@@ -147,19 +154,19 @@ def test_a_gnu_tar_root_extracts_the_same_with_and_without_the_pool(tmp_path: Pa
     assert not diff_trees(serial, pooled), diff_trees(serial, pooled)[:10]
 
 
-def test_a_full_root_fails_naming_a_member_and_stops_every_thread(tmp_path: Path) -> None:
+def test_a_full_root_fails_naming_a_member_and_ends_every_worker(tmp_path: Path) -> None:
     archive = tar_bytes(member("d/", tarfile.DIRTYPE, mode=0o755),
                         *[member(f"d/f{i}", data=os.urandom(60_000)) for i in range(200)])
-    before = threading.active_count()
+    before = children()
     with (mounted_tmpfs(tmp_path / "root", size="2m") as root,
           pytest.raises(SpaceError, match=r"tar member 'd/f\d+'.*rootsize=")):
         extract_file(archive, root, Extractor(str(root), writers=3))
-    assert threading.active_count() == before
+    assert children() == before
 
 
-def test_files_in_flight_stay_under_the_descriptor_limit(tmp_path: Path) -> None:
-    """A pool holds a descriptor per file in flight: it sizes itself to RLIMIT_NOFILE,
-    so a node with a low limit still extracts a root of many files."""
+def test_a_low_descriptor_limit_still_extracts_many_files(tmp_path: Path) -> None:
+    """Workers hold no descriptor per file in flight: a node with a low RLIMIT_NOFILE
+    still extracts a root of many files through them."""
     archive = tmp_path / "many.tar"
     archive.write_bytes(tar_bytes(member("d/", tarfile.DIRTYPE, mode=0o755),
                                   *filler("d", 3000)))
@@ -175,20 +182,20 @@ def test_files_in_flight_stay_under_the_descriptor_limit(tmp_path: Path) -> None
         assert len(os.listdir(root / "d")) == 3000
 
 
-def test_pool_size_follows_the_cpus_this_process_may_use() -> None:
-    pool = WritePool.sized(None)
+def test_pool_size_follows_the_cpus_this_process_may_use(tmp_path: Path) -> None:
+    root_fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    pool = WritePool.sized(None, root_fd, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
     try:
         cpus = len(os.sched_getaffinity(0))
         assert (pool is None) == (cpus == 1)
         if pool is not None:
-            assert len(pool._threads) == min(cpus, 8)
-            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-            assert pool.max_files <= soft // 4
+            assert len(pool._workers) == min(cpus - 1, 8)
     finally:
         if pool is not None:
-            pool.close()
+            pool.close(ok=True)
+        os.close(root_fd)
     pinned = subprocess.run(
         ["taskset", "-c", "0", sys.executable, "-c",
-         "from tmpfsboot.boot.filewrite import WritePool; print(WritePool.sized(None))"],
+         "from tmpfsboot.boot.filewrite import WritePool; print(WritePool.sized(None, 0, 0))"],
         capture_output=True, text=True, check=True)
     assert pinned.stdout.strip() == "None"

@@ -45,6 +45,7 @@ OPAQUE = ".wh..wh..opq"
 
 _O_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _DEVICE_FORMAT = {CHAR: stat.S_IFCHR, BLOCKDEV: stat.S_IFBLK, FIFO: stat.S_IFIFO}
+_NEW_ENTRY_KINDS = frozenset((REGULAR, DIRECTORY, SYMLINK, CHAR, BLOCKDEV, FIFO))
 
 
 @dataclass
@@ -87,6 +88,7 @@ class Extractor:
         self._unsupported: set[str] = set()
         self._euid, self._egid = os.geteuid(), os.getegid()
         self._root_fd = -1  # open while a layer is extracted: files are created under it
+        self._pool: WritePool | None = None  # workers writing files, while a layer is
         # directories (real relative paths) whose setgid bit makes new files inherit a group
         self._setgid_dirs: set[str] = set()
         if os.lstat(self.root).st_mode & stat.S_ISGID:
@@ -121,6 +123,7 @@ class Extractor:
             if not create:
                 raise
             os.mkdir(self._real(candidate), 0o755)
+            self._layer_paths.add(candidate)  # made by this layer, as its members are
             return candidate
         if stat.S_ISDIR(st.st_mode):
             if st.st_mode & stat.S_ISGID:
@@ -184,22 +187,28 @@ class Extractor:
         stats = ExtractStats()
         self._layer_paths = set()
         self._deferred_dirs = []
-        pool = WritePool.sized(self.writers)
+        # Workers only where this layer is the first thing in the root: then every path
+        # that exists is one this layer made, and the layer's path set says which.
+        self._pool = (WritePool.sized(self.writers, self._root_fd, _O_CREATE)
+                      if not os.listdir(self._root_fd) else None)
+        ok = False
         try:
-            self._members(parser, reader, stats, pool, label)
+            self._members(parser, reader, stats, label)
+            ok = True
         finally:
-            if pool is not None:
-                pool.close()
+            if self._pool is not None:
+                self._pool.close(ok=ok)
+                self._pool = None
         self._finish_dirs()
         stats.members = parser.count
         return stats
 
     def _members(self, parser: HeaderParser, reader: Reader, stats: ExtractStats,
-                 pool: WritePool | None, label: str) -> None:
+                 label: str) -> None:
         """Every member up to the end-of-archive block. The plain files of the parser's
-        fast path, most of a root, are created inline: each step here is paid per file."""
+        fast path, most of a root, are handled inline: each step here is paid per file."""
         next_fast, dirs, layer_paths = parser.next_fast, self._dirs, self._layer_paths
-        root_fd, setgid_dirs = self._root_fd, self._setgid_dirs
+        setgid_dirs, pool = self._setgid_dirs, self._pool
         owner = (self._euid, self._egid) if self.same_owner else None
         name = ""
         try:
@@ -218,19 +227,19 @@ class Extractor:
                     self._general_member(Member(*fast), reader, stats)
                     continue
                 rel = f"{real_parent}/{base}" if real_parent else base
-                layer_paths.add(rel)
-                try:
-                    fd = os.open(rel, _O_CREATE, mode, dir_fd=root_fd)
-                except FileExistsError:
-                    fd = self._create(rel, mode)
                 stats.files += 1
                 stats.bytes += size
                 chown = owner is not None and (owner != (uid, gid) or real_parent in setgid_dirs)
                 pad = -size % 512
-                if pool is not None and size <= POOL_FILE_MAX:
-                    pool.submit((fd, reader.take(size, pad, name), name, chown, uid, gid,
-                                 mode, mtime_ns))
+                if pool is not None and size <= POOL_FILE_MAX and rel not in layer_paths:
+                    layer_paths.add(rel)
+                    pool.submit(rel, reader.take(size, pad, name), name, chown, uid, gid, mode,
+                                mtime_ns)
                     continue
+                if pool is not None and rel in layer_paths:
+                    pool.sync()  # the same path again: the first one may be in flight
+                layer_paths.add(rel)
+                fd = self._create(rel, mode)
                 try:
                     if size:
                         reader.copy(fd, size, name, pad=pad)
@@ -238,18 +247,32 @@ class Extractor:
                 finally:
                     os.close(fd)
             if pool is not None:
-                pool.drain()
+                pool.sync()
         except WriteFailed as e:
             raise _member_error(e.error, e.name, label) from e.error
         except OSError as e:
             raise _member_error(e, name, label) from e
 
     def _general_member(self, m: Member, reader: Reader, stats: ExtractStats) -> None:
+        if self._pool is not None and self._may_meet_pool(m):
+            self._pool.sync()
         if m.sparse_map_in_data:
             read_sparse_map(reader.read, m)
         if m.kind != REGULAR and m.size:  # data no file takes (dumpdirs, labels)
             reader.skip(m.size + (-m.size % 512))
         self._extract_member(m, reader, stats)
+
+    def _may_meet_pool(self, m: Member) -> bool:
+        """Could member M touch a path a worker still holds? Only a new entry in a known
+        directory cannot (conservative: anything unusual says yes)."""
+        if m.kind not in _NEW_ENTRY_KINDS:
+            return True  # a hard link's source may be in flight; the rest is rare
+        name = normalize_name(m.name)
+        parent, _, base = name.rpartition("/")
+        real_parent = self._dirs.get(parent)
+        if not name or real_parent is None or base.startswith(WHITEOUT):
+            return True  # resolving a new directory walks paths that may be in flight
+        return (f"{real_parent}/{base}" if real_parent else base) in self._layer_paths
 
     def _extract_member(self, m: Member, reader: Reader, stats: ExtractStats) -> None:
         name = normalize_name(m.name)

@@ -1,33 +1,44 @@
-"""Finishing regular files: their data, owner, times; in a pool of threads where the
-process may use more than one CPU.
+"""Writing small files in worker processes, beside the parsing one, where the process may
+use more than one CPU.
 
-The extractor creates every file itself, in archive order, in one thread: each change to
-the namespace (create, replace, link, remove, whiteout) happens as it would in a serial
-extraction, so every ordering guarantee holds as it is. The pool only finishes files it
-was handed by descriptor: write the data, set owner and times, close. These system calls
-release the GIL, so on a tmpfs (where a file's cost is kernel time) the pool's threads run
-beside the parsing thread. What is in flight is bounded: at most `MAX_BYTES` of data and
-`max_files` descriptors. A failure is raised in the extractor's thread at its next call,
-naming the member; `close` always waits for every thread, so nothing writes into the
-target after the extractor returned or failed.
+On a tmpfs a small file's cost is kernel time: open, write, set times, close. Threads
+cannot share it out: each of those calls returns into a wait for the GIL the parsing
+thread holds (measured: slower than no pool). Forked workers have a GIL each. The
+extractor keeps every decision: it resolves the path (symlinks as if chrooted), owns the
+namespace's order, and hands a worker only a new file at a path nothing else in flight
+touches; before any member that could meet a file still in flight (the same path again,
+a hard link, a whiteout, a directory not yet known) it waits for the workers (`sync`).
+Jobs go down a pipe per worker in batches; what is in flight is bounded by the pipes
+(`PIPE_SIZE` each) and one batch. A worker's failure is raised in the extractor naming
+the member; `close` always ends every worker, so nothing writes into the target after
+the extraction returned or failed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
-import queue
-import resource
-import threading
+import signal
+import struct
 
-MAX_BYTES = 64 << 20  # data in flight, copied out of the reader's buffer
-MAX_THREADS = 8  # past this the threads only wait for the GIL
-BATCH_FILES = 64  # handed over together: one wake-up of a thread per batch, not per file
-BATCH_BYTES = 1 << 20
-POOL_FILE_MAX = 256 << 10  # larger files are streamed by the extractor's own thread
+PIPE_SIZE = 1 << 20
+MAX_WORKERS = 8
+POOL_FILE_MAX = 256 << 10  # larger files are streamed by the extractor itself
+BATCH_FILES = 64  # one pipe write (and one worker wake-up) per batch
+BATCH_BYTES = 512 << 10
+MAX_BATCHES = 4  # per worker, sent and not acknowledged: its pipe holds them
+
+# per job: path length, mode, uid, gid, chown, mtime_ns, data size (then path and data)
+_JOB = struct.Struct("<HIIIBqI")
+_BATCH = struct.Struct("<I")  # jobs in the batch
+_ACK = struct.Struct("<iI")  # errno (0: done) and which job of the batch failed
+_IOV_MAX = 1020
 
 
 class WriteFailed(Exception):
-    """A pooled file could not be finished: NAME is its member, ERROR what went wrong."""
+    """A worker could not write member NAME: ERROR says why."""
 
     def __init__(self, name: str, error: OSError) -> None:
         super().__init__(name, error)
@@ -54,102 +65,192 @@ def write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
-# fd, data, member name, chown, uid, gid, mode, mtime_ns
-Job = tuple[int, bytearray, str, bool, int, int, int, int]
-
-
 def cpus() -> int:
     """The CPUs this process may run on (taskset, cgroup cpusets), not the machine's."""
     return len(os.sched_getaffinity(0))
 
 
 class WritePool:
-    """THREADS threads finishing files handed over by `submit`."""
+    """WORKERS forked processes creating files under the directory open at ROOT_FD."""
 
-    def __init__(self, threads: int) -> None:
-        soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        self.max_files = max(4, min(256, soft_limit // 4))  # each holds a descriptor
-        self._batch_files = min(BATCH_FILES, self.max_files // 2)
-        self._jobs: queue.SimpleQueue[list[Job] | None] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[tuple[int, int]] = queue.SimpleQueue()
-        self._failed: list[WriteFailed] = []
-        self._batch: list[Job] = []
-        self._batch_bytes = 0
-        self._files = self._bytes = 0  # handed over, not yet finished
-        self._threads = [threading.Thread(target=self._work, name=f"tmpfsboot-write-{i}",
-                                          daemon=True) for i in range(threads)]
-        for thread in self._threads:
-            thread.start()
+    def __init__(self, workers: int, root_fd: int, create_flags: int) -> None:
+        self._workers: list[tuple[int, int, int]] = []  # pid, jobs pipe, acks pipe
+        self._sent: list[list[list[str]]] = [[] for _ in range(workers)]  # member names
+        # of each batch sent to a worker and not acknowledged yet
+        self._batch: list[bytes | bytearray | memoryview] = []
+        self._names: list[str] = []
+        self._batch_files = self._batch_bytes = 0
+        self.failed: WriteFailed | None = None
+        try:
+            for _ in range(workers):
+                self._workers.append(_fork_worker(root_fd, create_flags))
+        except OSError:
+            self.close(ok=False)
+            raise
 
     @classmethod
-    def sized(cls, threads: int | None) -> WritePool | None:
-        """A pool of THREADS threads (None: as many as the CPUs this process may use);
-        None for no pool, as with one CPU, where the hand-overs would only cost."""
-        if threads is None:
-            threads = 0  # measured: threads lose to the GIL on small files (see commit)
-        return cls(threads) if threads > 0 else None
+    def sized(cls, workers: int | None, root_fd: int, create_flags: int) -> WritePool | None:
+        """A pool of WORKERS (None: one per CPU this process may use, less the one the
+        parsing takes); None for no pool, as with one CPU, where handing files over would
+        only cost."""
+        if workers is None:  # the parsing process keeps a CPU busy on its own
+            workers = min(cpus() - 1, MAX_WORKERS)
+        return cls(workers, root_fd, create_flags) if workers > 0 else None
 
-    def submit(self, job: Job) -> None:
-        """Hand over a created file with its data; waits while too much is in flight.
-        Raises WriteFailed for any earlier job that failed."""
-        batch = self._batch
-        batch.append(job)
-        self._batch_bytes += len(job[1])
-        if len(batch) >= self._batch_files or self._batch_bytes >= BATCH_BYTES:
+    def submit(self, rel: str, data: bytes | bytearray, name: str, chown: bool, uid: int,
+               gid: int, mode: int, mtime_ns: int) -> None:
+        """Queue a new file at REL (relative to the root) with DATA and its metadata."""
+        path = rel.encode("utf-8", "surrogateescape")  # as os.fsencode, without its call
+        self._batch += (_JOB.pack(len(path), mode, uid, gid, chown, mtime_ns, len(data)),
+                        path, data)
+        self._names.append(name)
+        self._batch_files += 1
+        self._batch_bytes += len(data)
+        if self._batch_files >= BATCH_FILES or self._batch_bytes >= BATCH_BYTES:
             self._flush()
-            # room for the next batch: handed over plus batched stays within the limits
-            while (self._files > self.max_files - self._batch_files
-                   or self._bytes > MAX_BYTES - BATCH_BYTES - POOL_FILE_MAX):
-                self._retire()
-            if self._failed:
-                raise self._failed[0]
 
-    def drain(self) -> None:
-        """Wait until every file handed over is finished; raises WriteFailed."""
+    def sync(self) -> None:
+        """Wait until every file handed over is written; raises WriteFailed."""
         self._flush()
-        while self._files:
-            self._retire()
-        if self._failed:
-            raise self._failed[0]
+        for i, sent in enumerate(self._sent):
+            while sent:
+                self._ack(i)
+        if self.failed is not None:
+            raise self.failed
 
-    def close(self) -> None:
-        """Stop the threads (files still queued are closed unfinished) and wait for them."""
-        if not self._failed and (self._files or self._batch):
-            self._failed.append(WriteFailed("", OSError("extraction stopped")))
-        self._flush()
-        for _ in self._threads:
-            self._jobs.put(None)
-        for thread in self._threads:
-            thread.join()
+    def close(self, *, ok: bool) -> None:
+        """End the workers: after their queues when OK, at once (SIGKILL) otherwise."""
+        for pid, jobs, acks in self._workers:
+            with contextlib.suppress(OSError):
+                os.close(jobs)
+            if not ok:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(acks)
+        self._workers = []
 
     def _flush(self) -> None:
-        if self._batch:
-            self._jobs.put(self._batch)
-            self._files += len(self._batch)
-            self._bytes += self._batch_bytes
-            self._batch, self._batch_bytes = [], 0
+        if not self._batch_files:
+            return
+        sent = self._sent
+        i = min(range(len(sent)), key=lambda w: len(sent[w]))  # the least behind
+        parts = [_BATCH.pack(self._batch_files), *self._batch]
+        jobs = self._workers[i][1]
+        for start in range(0, len(parts), _IOV_MAX):
+            _writev_all(jobs, parts[start : start + _IOV_MAX])
+        self._sent[i].append(self._names)
+        self._batch, self._names, self._batch_files, self._batch_bytes = [], [], 0, 0
+        while len(sent[i]) > MAX_BATCHES:
+            self._ack(i)
+        if self.failed is not None:
+            raise self.failed
 
-    def _retire(self) -> None:
-        files, size = self._done.get()
-        self._files -= files
-        self._bytes -= size
+    def _ack(self, i: int) -> None:
+        acks = self._workers[i][2]
+        head = _read_exact(acks, _ACK.size)
+        names = self._sent[i].pop(0)
+        if len(head) < _ACK.size:
+            self.failed = self.failed or WriteFailed(names[0], OSError(errno.EPIPE,
+                                                                       "a writer died"))
+            return
+        code, index = _ACK.unpack(head)
+        if code and self.failed is None:
+            self.failed = WriteFailed(names[index], OSError(code, os.strerror(code)))
 
-    def _work(self) -> None:
-        get, done, failed = self._jobs.get, self._done.put, self._failed
-        while (batch := get()) is not None:
-            size = 0
-            for fd, data, name, chown, uid, gid, mode, mtime_ns in batch:
-                size += len(data)
+
+def _writev_all(fd: int, parts: list[bytes | bytearray | memoryview]) -> None:
+    total = sum(len(p) for p in parts)
+    written = os.writev(fd, parts)
+    if written < total:  # a signal or a full pipe cut it short: the rest, in one piece
+        write_all(fd, memoryview(b"".join(parts))[written:])
+
+
+def _read_exact(fd: int, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = os.read(fd, n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _fork_worker(root_fd: int, create_flags: int) -> tuple[int, int, int]:
+    jobs_r, jobs_w = os.pipe2(os.O_CLOEXEC)
+    acks_r, acks_w = os.pipe2(os.O_CLOEXEC)
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(jobs_w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+    pid = os.fork()
+    if pid == 0:  # the worker: nothing of the parent's runs here, it leaves by _exit
+        code = 1
+        try:
+            # only its pipes and the root: a copy of any other descriptor (another
+            # worker's pipe, the decompressor's, a socket) would keep it from ending
+            _close_all_but(root_fd, jobs_r, acks_w)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            _work(jobs_r, acks_w, root_fd, create_flags)
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(jobs_r)
+    os.close(acks_w)
+    return pid, jobs_w, acks_r
+
+
+def _close_all_but(*keep: int) -> None:
+    low = 3  # stdin, stdout and stderr stay
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+def _work(jobs: int, acks: int, root_fd: int, create_flags: int) -> None:
+    """Write every batch read from JOBS; acknowledge each on ACKS (with the first error
+    and its member; the jobs after an error are read and dropped)."""
+    failed = 0
+    buf, pos = b"", 0
+    while True:
+        if len(buf) - pos < _BATCH.size + _JOB.size:
+            buf, pos = _refill(jobs, buf, pos, _BATCH.size)
+            if len(buf) - pos < _BATCH.size:
+                return  # the extractor closed the pipe: all done
+        (count,) = _BATCH.unpack_from(buf, pos)
+        pos += _BATCH.size
+        failed_at = -1
+        for index in range(count):
+            if len(buf) - pos < _JOB.size:
+                buf, pos = _refill(jobs, buf, pos, _JOB.size)
+            rel_len, mode, uid, gid, chown, mtime_ns, size = _JOB.unpack_from(buf, pos)
+            start = pos + _JOB.size
+            pos = start + rel_len + size
+            if len(buf) < pos:
+                buf, start = _refill(jobs, buf, start, pos - start)
+                pos = start + rel_len + size
+            if failed:
+                continue
+            try:
+                fd = os.open(buf[start : start + rel_len], create_flags, mode, dir_fd=root_fd)
                 try:
-                    if not failed:
-                        written = os.write(fd, data) if data else 0
-                        if written < len(data):  # a short write: rare on a tmpfs
-                            write_all(fd, memoryview(data)[written:])
-                        finish_file(fd, chown, uid, gid, mode, mtime_ns)
-                except OSError as e:
-                    failed.append(WriteFailed(name, e))
-                except BaseException as e:  # raised again in the extractor's thread
-                    failed.append(WriteFailed(name, OSError(str(e))))
+                    if size:
+                        write_all(fd, memoryview(buf)[pos - size : pos])
+                    finish_file(fd, bool(chown), uid, gid, mode, mtime_ns)
                 finally:
                     os.close(fd)
-            done((len(batch), size))
+            except OSError as e:
+                failed, failed_at = e.errno or errno.EIO, index
+        os.write(acks, _ACK.pack(failed if failed_at >= 0 else 0, max(failed_at, 0)))
+
+
+def _refill(fd: int, buf: bytes, pos: int, need: int) -> tuple[bytes, int]:
+    """BUF from POS on, with at least NEED bytes read after it unless FD ends first."""
+    parts = [buf[pos:]]
+    have = len(parts[0])
+    while have < need:
+        chunk = os.read(fd, max(PIPE_SIZE, need - have))
+        if not chunk:
+            break
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts), 0
