@@ -49,7 +49,7 @@ demo-debian: deps
 	$(BIN)/tmpfsboot demo --debian
 
 bench: deps
-	$(BIN)/python bench/fetch.py
+	$(BIN)/python bench/fetch.py --write
 	$(BIN)/python bench/extract.py --write
 	$(BIN)/python bench/storm.py --write
 	$(BIN)/python bench/debian.py --write
