@@ -8,9 +8,10 @@ extracts it into a fresh tmpfs with each method, interleaved round by round:
 
 - gnu-tar: `tar -x --xattrs --xattrs-include=* --numeric-owner -f ROOT.tar`
 - engine: `Extractor(target).extract(fd)` in a fresh python3.11 (start-up included,
-  about 30 ms), from the tree given by --engine NAME=DIR (default: this checkout), so a
-  change can be measured against the code before it (`--engine before=/tmp/old`); run
-  with -P, so the current directory does not shadow DIR.
+  about 40 ms; the CPU of its writer processes included), from the tree given by
+  --engine NAME=DIR (default: this checkout), so a change can be measured against the
+  code before it (`--engine before=/tmp/old`); run with -P, so the current directory
+  does not shadow DIR.
 
 With --cpus 1,2 every method runs under `taskset` on 1, then 2 CPUs (each CPU count a
 method of its own in the same interleaved rounds). Prints medians, ratios to GNU tar on
@@ -119,9 +120,9 @@ def report(runs: dict[str, list[tuple[float, float, float]]], members: int, size
         f"a {size / 1e6:.0f} MB pax tar of {members:,} members (40,000 files of 0-8 KiB,",
         "made as `image build` makes images) in a tmpfs, extracted into a fresh tmpfs.",
         "",
-        "| method | wall | x GNU tar | user CPU | system CPU | wall per member "
+        "| method | wall | x GNU tar | members/s | user CPU | system CPU | wall per member "
         "| user CPU per member |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, rs in runs.items():
         suffix = name.partition(" ")[2]
@@ -130,7 +131,8 @@ def report(runs: dict[str, list[tuple[float, float, float]]], members: int, size
         wall = statistics.median(r[0] for r in rs)
         user = statistics.median(r[1] for r in rs)
         system = statistics.median(r[2] for r in rs)
-        lines.append(f"| {name} | {wall:.2f} s | {wall / gnu:.2f} | {user:.2f} s | "
+        lines.append(f"| {name} | {wall:.2f} s | {wall / gnu:.2f} | {members / wall:,.0f} | "
+                     f"{user:.2f} s | "
                      f"{system:.2f} s | {wall / members * 1e6:.1f} us | "
                      f"{user / members * 1e6:.1f} us |")
     return "\n".join(lines)
