@@ -16,6 +16,7 @@ from support.mounts import mounted_tmpfs
 from support.trees import Entry, diff_trees, make_full_tree, snapshot_tree
 from test_extract import extract_file, member, tar_bytes
 
+from tmpfsboot.boot import filewrite
 from tmpfsboot.boot.errors import SpaceError
 from tmpfsboot.boot.extract import Extractor
 from tmpfsboot.boot.filewrite import BATCH_FILES, POOL_FILE_MAX, WritePool
@@ -73,6 +74,17 @@ def children() -> set[int]:
     return found
 
 
+# Who writes a batch: the workers always (they are never behind), or the extractor
+# itself (as when every worker is behind: a cap of 0 batches in flight).
+WHO_WRITES = pytest.mark.parametrize("max_batches", [1000, 0], ids=["workers", "extractor"])
+
+
+@pytest.fixture(autouse=True)
+def _batches_in_flight(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    if "max_batches" in request.fixturenames:
+        monkeypatch.setattr(filewrite, "MAX_BATCHES", request.getfixturevalue("max_batches"))
+
+
 def extract_both(archive: bytes, tmp_path: Path, *layers: bytes) -> tuple[
         dict[str, Entry], dict[str, Entry], Path]:
     """ARCHIVE (then LAYERS) extracted serially and with 3 workers (the first layer
@@ -105,7 +117,9 @@ def test_the_ordering_archive_takes_the_fast_path() -> None:
     assert fast > BATCH_FILES * 3
 
 
-def test_pooled_extraction_keeps_every_ordering_of_the_serial_one(tmp_path: Path) -> None:
+@WHO_WRITES
+def test_pooled_extraction_keeps_every_ordering_of_the_serial_one(tmp_path: Path,
+                                                                  max_batches: int) -> None:
     serial, pooled, _ = extract_both(ORDERINGS, tmp_path)
     assert not diff_trees(serial, pooled), diff_trees(serial, pooled)[:10]
     with mounted_tmpfs(tmp_path / "check") as root:
@@ -154,7 +168,9 @@ def test_a_gnu_tar_root_extracts_the_same_with_and_without_the_pool(tmp_path: Pa
     assert not diff_trees(serial, pooled), diff_trees(serial, pooled)[:10]
 
 
-def test_a_full_root_fails_naming_a_member_and_ends_every_worker(tmp_path: Path) -> None:
+@WHO_WRITES
+def test_a_full_root_fails_naming_a_member_and_ends_every_worker(tmp_path: Path,
+                                                                 max_batches: int) -> None:
     archive = tar_bytes(member("d/", tarfile.DIRTYPE, mode=0o755),
                         *[member(f"d/f{i}", data=os.urandom(60_000)) for i in range(200)])
     before = children()

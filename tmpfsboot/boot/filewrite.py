@@ -8,8 +8,9 @@ extractor keeps every decision: it resolves the path (symlinks as if chrooted), 
 namespace's order, and hands a worker only a new file at a path nothing else in flight
 touches; before any member that could meet a file still in flight (the same path again,
 a hard link, a whiteout, a directory not yet known) it waits for the workers (`sync`).
-Jobs go down a pipe per worker in batches; what is in flight is bounded by the pipes
-(`PIPE_SIZE` each) and one batch. A worker's failure is raised in the extractor naming
+Jobs go down a pipe per worker in batches; what is in flight is bounded: at most
+`MAX_BATCHES` unacknowledged batches of at most `BATCH_BYTES` (plus one file) each per
+worker, 20 MiB with the most workers. A worker's failure is raised in the extractor naming
 the member; `close` always ends every worker, so nothing writes into the target after
 the extraction returned or failed.
 """
@@ -20,6 +21,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import select
 import signal
 import struct
 
@@ -28,11 +30,12 @@ MAX_WORKERS = 8
 POOL_FILE_MAX = 256 << 10  # larger files are streamed by the extractor itself
 BATCH_FILES = 64  # one pipe write (and one worker wake-up) per batch
 BATCH_BYTES = 512 << 10
-MAX_BATCHES = 4  # per worker, sent and not acknowledged: its pipe holds them
+MAX_BATCHES = 3  # per worker, sent and not acknowledged: more, and the extractor
+# writes the batch itself (it is ahead of the workers: its CPU would idle otherwise)
 
 # per job: path length, mode, uid, gid, chown, mtime_ns, data size (then path and data)
 _JOB = struct.Struct("<HIIIBqI")
-_BATCH = struct.Struct("<I")  # jobs in the batch
+_BATCH = struct.Struct("<II")  # jobs in the batch, bytes after this header
 _ACK = struct.Struct("<iI")  # errno (0: done) and which job of the batch failed
 _IOV_MAX = 1020
 
@@ -81,6 +84,7 @@ class WritePool:
         self._names: list[str] = []
         self._batch_files = self._batch_bytes = 0
         self.failed: WriteFailed | None = None
+        self._root_fd, self._create_flags = root_fd, create_flags
         try:
             for _ in range(workers):
                 self._workers.append(_fork_worker(root_fd, create_flags))
@@ -114,7 +118,7 @@ class WritePool:
         self._flush()
         for i, sent in enumerate(self._sent):
             while sent:
-                self._ack(i)
+                self._acks(i, wait=True)
         if self.failed is not None:
             raise self.failed
 
@@ -134,29 +138,44 @@ class WritePool:
         if not self._batch_files:
             return
         sent = self._sent
+        for i in range(len(sent)):
+            self._acks(i, wait=False)
         i = min(range(len(sent)), key=lambda w: len(sent[w]))  # the least behind
-        parts = [_BATCH.pack(self._batch_files), *self._batch]
-        jobs = self._workers[i][1]
-        for start in range(0, len(parts), _IOV_MAX):
-            _writev_all(jobs, parts[start : start + _IOV_MAX])
-        self._sent[i].append(self._names)
-        self._batch, self._names, self._batch_files, self._batch_bytes = [], [], 0, 0
-        while len(sent[i]) > MAX_BATCHES:
-            self._ack(i)
+        size = sum(len(part) for part in self._batch)
+        if len(sent[i]) < MAX_BATCHES:
+            parts = [_BATCH.pack(self._batch_files, size), *self._batch]
+            for start in range(0, len(parts), _IOV_MAX):
+                _writev_all(self._workers[i][1], parts[start : start + _IOV_MAX])
+            sent[i].append(self._names)
+        else:  # every worker is behind: this process writes the batch, as they would
+            code, index = _write_jobs(b"".join(self._batch), self._batch_files,
+                                      self._root_fd, self._create_flags)
+            if code and self.failed is None:
+                self.failed = WriteFailed(self._names[index], OSError(code, os.strerror(code)))
+        self._batch, self._names, self._batch_files = [], [], 0
+        self._batch_bytes = 0
         if self.failed is not None:
             raise self.failed
 
-    def _ack(self, i: int) -> None:
+    def _acks(self, i: int, *, wait: bool) -> None:
+        """Take worker I's acknowledgements: those there (at least one when WAIT)."""
         acks = self._workers[i][2]
-        head = _read_exact(acks, _ACK.size)
-        names = self._sent[i].pop(0)
-        if len(head) < _ACK.size:
+        if wait:
+            select.select([acks], [], [])
+        try:
+            data = os.read(acks, _ACK.size * 256)
+        except BlockingIOError:
+            return
+        if not data or len(data) % _ACK.size:  # a worker died: its pipe closed
+            names = self._sent[i][0] if self._sent[i] else [""]
+            self._sent[i].clear()
             self.failed = self.failed or WriteFailed(names[0], OSError(errno.EPIPE,
                                                                        "a writer died"))
             return
-        code, index = _ACK.unpack(head)
-        if code and self.failed is None:
-            self.failed = WriteFailed(names[index], OSError(code, os.strerror(code)))
+        for code, index in _ACK.iter_unpack(data):
+            names = self._sent[i].pop(0)
+            if code and self.failed is None:
+                self.failed = WriteFailed(names[index], OSError(code, os.strerror(code)))
 
 
 def _writev_all(fd: int, parts: list[bytes | bytearray | memoryview]) -> None:
@@ -195,6 +214,7 @@ def _fork_worker(root_fd: int, create_flags: int) -> tuple[int, int, int]:
             os._exit(code)
     os.close(jobs_r)
     os.close(acks_w)
+    os.set_blocking(acks_r, False)
     return pid, jobs_w, acks_r
 
 
@@ -208,49 +228,32 @@ def _close_all_but(*keep: int) -> None:
 
 def _work(jobs: int, acks: int, root_fd: int, create_flags: int) -> None:
     """Write every batch read from JOBS; acknowledge each on ACKS (with the first error
-    and its member; the jobs after an error are read and dropped)."""
-    failed = 0
-    buf, pos = b"", 0
-    while True:
-        if len(buf) - pos < _BATCH.size + _JOB.size:
-            buf, pos = _refill(jobs, buf, pos, _BATCH.size)
-            if len(buf) - pos < _BATCH.size:
-                return  # the extractor closed the pipe: all done
-        (count,) = _BATCH.unpack_from(buf, pos)
-        pos += _BATCH.size
-        failed_at = -1
-        for index in range(count):
-            if len(buf) - pos < _JOB.size:
-                buf, pos = _refill(jobs, buf, pos, _JOB.size)
-            rel_len, mode, uid, gid, chown, mtime_ns, size = _JOB.unpack_from(buf, pos)
-            start = pos + _JOB.size
-            pos = start + rel_len + size
-            if len(buf) < pos:
-                buf, start = _refill(jobs, buf, start, pos - start)
-                pos = start + rel_len + size
-            if failed:
-                continue
+    and the job that had it; the batches after an error are read and dropped)."""
+    failed = False
+    while len(head := _read_exact(jobs, _BATCH.size)) == _BATCH.size:
+        count, size = _BATCH.unpack(head)
+        batch = _read_exact(jobs, size)
+        code, index = (0, 0) if failed else _write_jobs(batch, count, root_fd, create_flags)
+        failed = failed or code != 0
+        os.write(acks, _ACK.pack(code, index))
+
+
+def _write_jobs(batch: bytes, count: int, root_fd: int, create_flags: int) -> tuple[int, int]:
+    """Create and write the COUNT files of BATCH; (errno, job) of the first failure, which
+    ends the batch, or (0, 0)."""
+    pos = 0
+    for index in range(count):
+        rel_len, mode, uid, gid, chown, mtime_ns, size = _JOB.unpack_from(batch, pos)
+        start = pos + _JOB.size
+        pos = start + rel_len + size
+        try:
+            fd = os.open(batch[start : start + rel_len], create_flags, mode, dir_fd=root_fd)
             try:
-                fd = os.open(buf[start : start + rel_len], create_flags, mode, dir_fd=root_fd)
-                try:
-                    if size:
-                        write_all(fd, memoryview(buf)[pos - size : pos])
-                    finish_file(fd, bool(chown), uid, gid, mode, mtime_ns)
-                finally:
-                    os.close(fd)
-            except OSError as e:
-                failed, failed_at = e.errno or errno.EIO, index
-        os.write(acks, _ACK.pack(failed if failed_at >= 0 else 0, max(failed_at, 0)))
-
-
-def _refill(fd: int, buf: bytes, pos: int, need: int) -> tuple[bytes, int]:
-    """BUF from POS on, with at least NEED bytes read after it unless FD ends first."""
-    parts = [buf[pos:]]
-    have = len(parts[0])
-    while have < need:
-        chunk = os.read(fd, max(PIPE_SIZE, need - have))
-        if not chunk:
-            break
-        parts.append(chunk)
-        have += len(chunk)
-    return b"".join(parts), 0
+                if size:
+                    write_all(fd, memoryview(batch)[pos - size : pos])
+                finish_file(fd, bool(chown), uid, gid, mode, mtime_ns)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            return e.errno or errno.EIO, index
+    return 0, 0

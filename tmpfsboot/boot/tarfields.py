@@ -104,8 +104,18 @@ def checksum_is(block: bytes | bytearray, digits: bytes) -> bool:
     """BLOCK's checksum is right, its field being DIGITS (six octal digits) then "\\0 ",
     as a caller's match already saw: the fast path's `checksum_ok`."""
     total = (adler32(block) & 0xFFFF) - 1 if block.isascii() else unsigned_sum(block)
-    # the field is summed as eight spaces (256), not as its digits, NUL and space
-    return int(digits, 8) == total - sum(digits) - 32 + 256
+    expected = _CHECKSUM_TOTALS.get(digits)
+    if expected is None:
+        # the field is summed as eight spaces (256), not as its digits, NUL and space
+        expected = int(digits, 8) + sum(digits) + 32 - 256
+        if len(_CHECKSUM_TOTALS) < 1 << 16:
+            _CHECKSUM_TOTALS[digits] = expected
+    return total == expected
+
+
+# checksum field digits -> the sum of the block's bytes they stand for; a root's headers
+# share a few thousand checksums, and parsing them once each saves two calls a header
+_CHECKSUM_TOTALS: dict[bytes, int] = {}
 
 
 FRACTION_SCALE = tuple(10 ** (9 - n) for n in range(10))  # nanoseconds per unit of a

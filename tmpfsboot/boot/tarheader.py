@@ -90,15 +90,18 @@ _REGULAR_FLAGS = frozenset((REGULAR, 0, TypeFlag.CONTIGUOUS[0]))
 _SKIPPED = frozenset((SKIP, TypeFlag.GNU_MULTIVOL[0]))
 _OCTAL_OR_PAD = b"01234567 \0"
 
-# The fast path (`next_fast`): the blocks `image build` writes, each matched whole. A pax
-# header block from its size field on (size, mtime, checksum, typeflag x); its one record, an
-# mtime; a file or directory header from its mode field to its magic (mode+uid+gid,
-# size, mtime, checksum, typeflag, an empty link name).
-_PAX_BLOCK = re.compile(rb"([0-7]{11})\0.{12}([0-7]{6})\0 x", re.DOTALL)
-_PAX_MTIME = re.compile(rb"(\d{1,3}) mtime=(\d{1,18})(?:\.(\d{1,9}))?\n")
+# The fast path (`next_fast`): the blocks `image build` writes, each matched by one
+# expression. A pax header from its size field on (size, mtime, checksum, typeflag x)
+# through its one record, an mtime; a file or directory header from its mode field to its
+# magic (mode+uid+gid, size, mtime, checksum, typeflag, an empty link name).
+_PAX_MTIME_HEADER = re.compile(rb"([0-7]{11})\0.{12}([0-7]{6})\0 x.{355}"
+                               rb"(\d{1,3}) mtime=(\d{1,18})(?:\.(\d{1,9}))?\n", re.DOTALL)
 _FILE_BLOCK = re.compile(rb"([0-7]{7}\0[0-7]{7}\0[0-7]{7})\0([0-7]{11})\0([0-7]{11})\0"
                          rb"([0-7]{6})\0 ([05])\0{100}ustar\x0000")
 _ZERO_SIZE = b"0" * 11
+# an mtime record is short: its size field and its length, looked up rather than parsed
+_PAX_RECORD_SIZES = {b"%011o" % n: n for n in range(1, 64)}
+_PAX_RECORD_LENGTHS = {b"%d" % n: n for n in range(1, 64)}
 _FAST_HEADERS = 3 * BLOCK  # a pax header, its record block and the member's header
 
 FastMember = tuple[str, int, int, int, int, int, int]
@@ -213,18 +216,17 @@ class HeaderParser:
         buf, pos = reader.buf, reader.pos
         mtime_ns = -1
         if buf[pos + 156] == 0x78:  # x
-            pax = _PAX_BLOCK.match(buf, pos + 124)
-            record = pax and _PAX_MTIME.match(buf, pos + BLOCK)
-            if record is None or not pax:
+            pax = _PAX_MTIME_HEADER.match(buf, pos + 124)
+            if pax is None:
                 return None
-            size = int(pax[1], 8)
-            if (record.end() != pos + BLOCK + size or int(record[1]) != size
-                    or not checksum_is(buf[pos : pos + BLOCK], pax[2])):
+            size_field, checksum, length, whole, frac = pax.groups()
+            size = _PAX_RECORD_SIZES.get(size_field, -1)
+            if (pax.end() != pos + BLOCK + size or _PAX_RECORD_LENGTHS.get(length) != size
+                    or not checksum_is(buf[pos : pos + BLOCK], checksum)):
                 return None
-            whole, frac = record.group(2, 3)
-            mtime_ns = int(whole) * 1_000_000_000
-            if frac:
-                mtime_ns += int(frac) * FRACTION_SCALE[len(frac)]
+            # SECONDS.FRACTION: the digits as one number, scaled to nanoseconds
+            mtime_ns = (int(whole + frac) * FRACTION_SCALE[len(frac)] if frac
+                        else int(whole) * 1_000_000_000)
             pos += 2 * BLOCK
         header = _FILE_BLOCK.match(buf, pos + 100)
         if header is None or buf[pos + 345]:
