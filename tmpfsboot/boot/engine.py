@@ -411,7 +411,9 @@ def _fetch_layers(run: _Run, sources: list[LayerSource], target: str,
             images.fetch(source.number, total, source.urls, sha256=source.sha256,
                          budget=budget, timeout=timeout, events=events)
     images.stack()
-    extractor = Extractor(target)
+    # the parser, and the decompressor (or, for a plain tar, the thread feeding the
+    # pipe) keep two CPUs busy: workers only where there are more
+    extractor = Extractor(target, busy_cpus=2)
     for source in sources:
         if source.kind.is_image:
             continue

@@ -74,11 +74,12 @@ def normalize_name(name: str) -> str:
 class Extractor:
     """Extracts tar streams into ROOT, one layer after another, never writing outside it."""
 
-    def __init__(self, root: str, *, writers: int | None = None) -> None:
-        """WRITERS: threads finishing files beside the parsing one (0: none); by default
-        as many as the CPUs this process may use, none with one CPU."""
+    def __init__(self, root: str, *, writers: int | None = None, busy_cpus: int = 1) -> None:
+        """WRITERS: processes writing small files beside the parsing one (0: none); by
+        default one per CPU beyond BUSY_CPUS, the CPUs the extraction's pipeline keeps
+        busy without them (the parser; and the decompressor, when there is one)."""
         self.root = os.path.abspath(root)
-        self.writers = writers
+        self.writers, self.busy_cpus = writers, busy_cpus
         self.same_owner = os.geteuid() == 0
         # logical directory path -> real path relative to root, known to be a directory
         self._dirs: dict[str, str] = {"": ""}
@@ -189,7 +190,8 @@ class Extractor:
         self._deferred_dirs = []
         # Workers only where this layer is the first thing in the root: then every path
         # that exists is one this layer made, and the layer's path set says which.
-        self._pool = (WritePool.sized(self.writers, self._root_fd, _O_CREATE)
+        self._pool = (WritePool.sized(self.writers, self._root_fd, _O_CREATE,
+                                      busy=self.busy_cpus)
                       if not os.listdir(self._root_fd) else None)
         ok = False
         try:
@@ -208,7 +210,7 @@ class Extractor:
         """Every member up to the end-of-archive block. The plain files of the parser's
         fast path, most of a root, are handled inline: each step here is paid per file."""
         next_fast, dirs, layer_paths = parser.next_fast, self._dirs, self._layer_paths
-        setgid_dirs, pool = self._setgid_dirs, self._pool
+        setgid_dirs, pool, root_fd = self._setgid_dirs, self._pool, self._root_fd
         owner = (self._euid, self._egid) if self.same_owner else None
         name = ""
         try:
@@ -231,15 +233,19 @@ class Extractor:
                 stats.bytes += size
                 chown = owner is not None and (owner != (uid, gid) or real_parent in setgid_dirs)
                 pad = -size % 512
-                if pool is not None and size <= POOL_FILE_MAX and rel not in layer_paths:
-                    layer_paths.add(rel)
-                    pool.submit(rel, reader.take(size, pad, name), name, chown, uid, gid, mode,
-                                mtime_ns)
-                    continue
-                if pool is not None and rel in layer_paths:
-                    pool.sync()  # the same path again: the first one may be in flight
+                if pool is not None:
+                    if rel in layer_paths:
+                        pool.sync()  # the same path again: the first one may be in flight
+                    elif size <= POOL_FILE_MAX:
+                        layer_paths.add(rel)
+                        pool.submit(rel, reader.take(size, pad, name), name, chown, uid, gid,
+                                    mode, mtime_ns)
+                        continue
                 layer_paths.add(rel)
-                fd = self._create(rel, mode)
+                try:
+                    fd = os.open(rel, _O_CREATE, mode, dir_fd=root_fd)
+                except FileExistsError:
+                    fd = self._create(rel, mode)
                 try:
                     if size:
                         reader.copy(fd, size, name, pad=pad)

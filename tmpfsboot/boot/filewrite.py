@@ -93,12 +93,14 @@ class WritePool:
             raise
 
     @classmethod
-    def sized(cls, workers: int | None, root_fd: int, create_flags: int) -> WritePool | None:
-        """A pool of WORKERS (None: one per CPU this process may use, less the one the
-        parsing takes); None for no pool, as with one CPU, where handing files over would
-        only cost."""
-        if workers is None:  # the parsing process keeps a CPU busy on its own
-            workers = min(cpus() - 1, MAX_WORKERS)
+    def sized(cls, workers: int | None, root_fd: int, create_flags: int, *,
+              busy: int = 1) -> WritePool | None:
+        """A pool of WORKERS; by default one per CPU this process may use beyond the BUSY
+        ones (the parser's, and the decompressor's when the stream comes from one).
+        None for no pool, where there is no CPU to spare: a worker would only add copies
+        (measured: a fetch on 2 CPUs is slower with one worker than with none)."""
+        if workers is None:
+            workers = min(cpus() - busy, MAX_WORKERS)
         return cls(workers, root_fd, create_flags) if workers > 0 else None
 
     def submit(self, rel: str, data: bytes | bytearray, name: str, chown: bool, uid: int,
