@@ -86,6 +86,8 @@ INVALID = [
     ("root=http://h/a.tar tmpfs.verify=maybe", ["tmpfs.verify=maybe"]),
     ("root=http://h/a.tar tmpfs.retries=-2", ["tmpfs.retries=-2"]),
     ("root=http://h/a.tar tmpfs.retries=many", ["tmpfs.retries=many"]),
+    ("root=http://h/a.tar tmpfs.writers=-1", ["tmpfs.writers=-1"]),
+    ("root=http://h/a.tar tmpfs.writers=all", ["tmpfs.writers=all"]),
     ("root=http://h/a.tar tmpfs.timeout=0", ["tmpfs.timeout=0"]),
     ("root=http://h/100%.tar", ["lone %"]),
     ('root="http://h/a.tar', ["unbalanced"]),

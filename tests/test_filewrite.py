@@ -4,6 +4,7 @@ worker is the member's error, and no worker outlives the extraction."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import subprocess
@@ -12,6 +13,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from support.faultserver import serve
 from support.mounts import mounted_tmpfs
 from support.trees import Entry, diff_trees, make_full_tree, snapshot_tree
 from test_extract import extract_file, member, tar_bytes
@@ -215,3 +217,67 @@ def test_pool_size_follows_the_cpus_this_process_may_use(tmp_path: Path) -> None
          "from tmpfsboot.boot.filewrite import WritePool; print(WritePool.sized(None, 0, 0))"],
         capture_output=True, text=True, check=True)
     assert pinned.stdout.strip() == "None"
+
+
+@pytest.fixture(scope="module")
+def image_www(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A root as `image build` archives it (1,500 small files and every kind of entry),
+    zstd-compressed, and a copy cut short inside its members; with SHA256SUMS."""
+    www = tmp_path_factory.mktemp("www")
+    with mounted_tmpfs(tmp_path_factory.mktemp("src")) as src:
+        make_full_tree(src)
+        for d in range(3):
+            (src / f"many{d}").mkdir()
+            for i in range(500):
+                (src / f"many{d}" / f"f{i}").write_bytes(os.urandom(i * 7))
+        tar = subprocess.run(["tar", "-c", "-f", "-", *TAR_OPTIONS, "-C", str(src), "."],
+                             check=True, capture_output=True).stdout
+    for name, data in (("root.tar.zst", tar), ("cut.tar.zst", tar[: len(tar) // 2])):
+        packed = subprocess.run(["zstd", "-q", "-c"], input=data, check=True,
+                                capture_output=True).stdout
+        (www / name).write_bytes(packed)
+        with open(www / "SHA256SUMS", "a") as f:
+            f.write(f"{hashlib.sha256(packed).hexdigest()}  {name}\n")
+    return www
+
+
+def fetch(url: str, target: Path, writers: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "tmpfsboot", "fetch", "--writers",
+                           str(writers), "--retries", "0", "--timeout", "20", url, str(target)],
+                          capture_output=True, text=True, timeout=120, check=False)
+
+
+def processes_naming(text: str) -> list[int]:
+    """Processes whose command line holds TEXT (a forked worker keeps its parent's)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if text.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            continue
+    return found
+
+
+def test_tmpfs_writers_fetch_gives_the_serial_fetchs_tree(image_www: Path,
+                                                          tmp_path: Path) -> None:
+    with serve(root=image_www) as server:
+        snaps = []
+        for writers in (0, 2):
+            with mounted_tmpfs(tmp_path / f"w{writers}") as root:
+                proc = fetch(f"{server.url}root.tar.zst", root, writers)
+                assert proc.returncode == 0, proc.stderr
+                snaps.append(snapshot_tree(root, strict=True))
+    assert len(snaps[1]) > 1500
+    assert not diff_trees(snaps[0], snaps[1]), diff_trees(snaps[0], snaps[1])[:10]
+
+
+def test_a_fetch_failing_while_writers_work_leaves_an_empty_root_and_no_worker(
+        image_www: Path, tmp_path: Path) -> None:
+    with serve(root=image_www) as server, mounted_tmpfs(tmp_path / "root") as root:
+        proc = fetch(f"{server.url}cut.tar.zst", root, 2)
+        assert proc.returncode == 1, proc.stderr
+        assert "truncated archive" in proc.stderr and "Traceback" not in proc.stderr
+        assert list(root.iterdir()) == []
+        assert processes_naming(str(root)) == []

@@ -45,6 +45,12 @@ POLICIES = [
     ("root=http://h/a.tar tmpfs.verify=no tmpfs.retries=3 tmpfs.timeout=7.5 "
      "tmpfs.backoff=0.5", None,
      FetchPolicy(Verify.NO, None, 3, 7.5, 0.5, True, _wait)),
+    ("root=http://h/a.tar tmpfs.writers=0", None,
+     FetchPolicy(Verify.CHECKSUM, None, None, DEFAULT_TIMEOUT, DEFAULT_BACKOFF, True, _wait,
+                 writers=0)),
+    ("root=http://h/a.tar tmpfs.writers=6", None,
+     FetchPolicy(Verify.CHECKSUM, None, None, DEFAULT_TIMEOUT, DEFAULT_BACKOFF, True, _wait,
+                 writers=6)),
 ]
 
 

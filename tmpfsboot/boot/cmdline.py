@@ -64,6 +64,7 @@ class BootPlan:
     hostname_from: HostnameFrom = HostnameFrom.NODE
     machine_id: MachineIdChoice = MACHINE_ID_FROM_NODE
     mirror_order: MirrorOrder | None = None  # tmpfs.mirrors=; None: the initramfs default
+    writers: int | None = None  # tmpfs.writers=; None: from the CPUs
 
     @property
     def substitutions(self) -> tuple[str, ...]:
@@ -245,6 +246,7 @@ def parse_cmdline(text: str) -> BootPlan:
     mirror_order = opts.get("tmpfs.mirrors")
     hostname_from = opts.get("tmpfs.hostname")
     machine_id = opts.get("tmpfs.machine_id")
+    writers = opts.get("tmpfs.writers")
     return BootPlan(
         tmpfs=True,
         layers=parse_root(root),
@@ -261,6 +263,8 @@ def parse_cmdline(text: str) -> BootPlan:
         machine_id=parse_machine_id_option(machine_id) if machine_id is not None
         else MACHINE_ID_FROM_NODE,
         mirror_order=MirrorOrder.parse(mirror_order) if mirror_order is not None else None,
+        writers=_parse_int("tmpfs.writers", writers, minimum=0) if writers is not None
+        else None,
     )
 
 

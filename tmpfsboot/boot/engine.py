@@ -413,7 +413,7 @@ def _fetch_layers(run: _Run, sources: list[LayerSource], target: str,
     images.stack()
     # the parser, and the decompressor (or, for a plain tar, the thread feeding the
     # pipe) keep two CPUs busy: workers only where there are more
-    extractor = Extractor(target, busy_cpus=2)
+    extractor = Extractor(target, writers=run.policy.writers, busy_cpus=2)
     for source in sources:
         if source.kind.is_image:
             continue

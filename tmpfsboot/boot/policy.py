@@ -53,7 +53,9 @@ class FetchPolicy:
     VERIFY with KEYRING (signature mode needs one); RETRIES after failures, shared by the
     whole root (None: unlimited), the first back-off BACKOFF seconds, doubled and jittered,
     slept by WAIT; a connection stalled TIMEOUT seconds counts as broken; PREFLIGHT reads
-    the manifests and refuses a root that cannot fit before any layer is downloaded.
+    the manifests and refuses a root that cannot fit before any layer is downloaded;
+    WRITERS processes write small files beside the extracting one (None: one per CPU
+    beyond the extractor's and the decompressor's).
     """
 
     verify: Verify
@@ -63,6 +65,7 @@ class FetchPolicy:
     backoff: float = DEFAULT_BACKOFF
     preflight: bool = True
     wait: Wait = time.sleep
+    writers: int | None = None
 
     def __post_init__(self) -> None:
         if self.verify is Verify.SIGNATURE and not self.keyring:
@@ -71,16 +74,18 @@ class FetchPolicy:
     @classmethod
     def choose(cls, verify: Verify | None, *, keyring: str | None, retries: int | None,
                timeout: float = DEFAULT_TIMEOUT, backoff: float = DEFAULT_BACKOFF,
-               wait: Wait = time.sleep) -> FetchPolicy:
+               wait: Wait = time.sleep, writers: int | None = None) -> FetchPolicy:
         """The policy asked for; without VERIFY, signature when there is a keyring, else
         checksum. UsageError when signature mode has no keyring."""
         return cls(verify=verify or Verify.default_for(keyring), keyring=keyring,
-                   retries=retries, timeout=timeout, backoff=backoff, wait=wait)
+                   retries=retries, timeout=timeout, backoff=backoff, wait=wait,
+                   writers=writers)
 
     @classmethod
     def from_plan(cls, plan: BootPlan, *, keyring: str | None,
                   wait: Wait = time.sleep) -> FetchPolicy:
         """The policy of a boot plan (tmpfs.verify=, tmpfs.retries=, tmpfs.timeout=,
-        tmpfs.backoff=) with the initramfs' KEYRING, if it has one."""
+        tmpfs.backoff=, tmpfs.writers=) with the initramfs' KEYRING, if it has one."""
         return cls.choose(plan.verify, keyring=keyring, retries=plan.retries,
-                          timeout=plan.timeout, backoff=plan.backoff, wait=wait)
+                          timeout=plan.timeout, backoff=plan.backoff, wait=wait,
+                          writers=plan.writers)

@@ -19,7 +19,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
                      arch=args.arch, uuid=args.uuid)
     policy = FetchPolicy.choose(Verify.parse(args.verify) if args.verify else None,
                                 keyring=args.keyring, retries=args.retries,
-                                timeout=args.timeout, backoff=args.backoff)
+                                timeout=args.timeout, backoff=args.backoff,
+                                writers=args.writers)
     events = EventLog(args.log)
     try:
         fetch_root(resolve_layers(layers, facts), args.dir, policy, events=events)
@@ -63,5 +64,8 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--backoff", type=seconds, default=DEFAULT_BACKOFF, metavar="S",
                    help=f"first retry delay, doubled each time, jittered "
                    f"(default: {DEFAULT_BACKOFF:g})")
+    p.add_argument("--writers", type=non_negative_int, metavar="N",
+                   help="processes writing small files beside the extracting one, for a "
+                   "first tar layer (default: one per CPU beyond two; 0: none)")
     p.add_argument("--log", metavar="FILE", help="append JSON-lines events to FILE")
     p.set_defaults(func=cmd_fetch)
