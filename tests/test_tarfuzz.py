@@ -13,8 +13,9 @@ import pytest
 from support.mounts import mounted_tmpfs
 from support.tarcorpus import DATA
 
+from tmpfsboot.boot.engine import empty_directory
 from tmpfsboot.boot.errors import TmpfsbootError
-from tmpfsboot.boot.extract import Extractor, empty_directory
+from tmpfsboot.boot.extract import Extractor
 from tmpfsboot.boot.tarfields import verify_checksum
 from tmpfsboot.boot.tarheader import BLOCK
 

@@ -14,6 +14,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Sequence
@@ -44,7 +45,7 @@ from .errors import (
     UsageError,
     VerificationError,
 )
-from .extract import Extractor, ExtractStats, empty_directory
+from .extract import Extractor, ExtractStats
 from .fetch import (
     Download,
     DownloadResult,
@@ -431,3 +432,13 @@ def _fetch_layers(run: _Run, sources: list[LayerSource], target: str,
             log.info("%s: %s in (%s), %d entries, %s unpacked%s", label,
                      format_bytes(result.size), how, stats.members, format_bytes(stats.bytes),
                      ", SHA-256 verified" if source.sha256 else "")
+
+
+def empty_directory(path: str) -> None:
+    """Remove everything inside PATH, keeping PATH itself (the tmpfs mount point)."""
+    with os.scandir(path) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)

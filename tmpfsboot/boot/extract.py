@@ -490,13 +490,3 @@ def _member_error(e: OSError, name: str, label: str) -> Exception:
         return SpaceError(f"the root file system is full at tar member {name!r} "
                           f"({label or 'layer'}); give it more room (rootsize=)")
     return ArchiveError(f"tar member {name!r}: {e.strerror or e}")
-
-
-def empty_directory(path: str) -> None:
-    """Remove everything inside PATH, keeping PATH itself (the tmpfs mount point)."""
-    with os.scandir(path) as entries:
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                shutil.rmtree(entry.path)
-            else:
-                os.unlink(entry.path)

@@ -10,9 +10,10 @@ touches; before any member that could meet a file still in flight (the same path
 a hard link, a whiteout, a directory not yet known) it waits for the workers (`sync`).
 Jobs go down a pipe per worker in batches; what is in flight is bounded: at most
 `MAX_BATCHES` unacknowledged batches of at most `BATCH_BYTES` (plus one file) each per
-worker, 20 MiB with the most workers. A worker's failure is raised in the extractor naming
-the member; `close` always ends every worker, so nothing writes into the target after
-the extraction returned or failed.
+worker, under 20 MiB with the most workers; when every worker has that many, the extractor
+writes the next batch itself. A worker's failure is raised in the extractor naming the
+member; `close` always ends every worker, so nothing writes into the target after the
+extraction returned or failed.
 """
 
 from __future__ import annotations
