@@ -11,7 +11,8 @@ extracts it into a fresh tmpfs with each method, interleaved round by round:
   about 40 ms; the CPU of its writer processes included), from the tree given by
   --engine NAME=DIR (default: this checkout), so a change can be measured against the
   code before it (`--engine before=/tmp/old`); run with -P, so the current directory
-  does not shadow DIR.
+  does not shadow DIR. The same command on an empty archive, in the same rounds, gives
+  its start-up, so the report can say what each member costs without it.
 
 With --cpus 1,2 every method runs under `taskset` on 1, then 2 CPUs (each CPU count a
 method of its own in the same interleaved rounds). Prints medians, ratios to GNU tar on
@@ -41,6 +42,7 @@ from support.report import write_section  # noqa: E402
 from tmpfsboot.host.image import TAR_OPTIONS  # noqa: E402
 
 FILES, DIRS, MAX_SIZE = 40_000, 400, 8192
+START = "-start"  # the suffix of an engine's run on an empty archive
 GNU_TAR = ["tar", "-x", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-f"]
 ENGINE = ("import os, sys; from tmpfsboot.boot.extract import Extractor; "
           "fd = os.open(sys.argv[1], os.O_RDONLY); Extractor(sys.argv[2]).extract(fd)")
@@ -86,10 +88,13 @@ def main() -> int:
             subprocess.run(["tar", "-c", "-f", str(archive), *TAR_OPTIONS, "-C", str(src),
                             *sorted(p.name for p in src.iterdir() if p.name != "root.tar")],
                            check=True)
+            empty = work / "empty.tar"  # the end-of-archive blocks alone: start-up
+            subprocess.run(["tar", "-c", "-f", str(empty), "-T", "/dev/null"], check=True)
             plain = {"gnu-tar": [*GNU_TAR, str(archive), "-C", str(target)]}
             for name, tree in engines.items():
-                plain[name] = ["env", f"PYTHONPATH={tree}", sys.executable, "-P", "-c", ENGINE,
-                               str(archive), str(target)]
+                for tar, method in ((archive, name), (empty, name + START)):
+                    plain[method] = ["env", f"PYTHONPATH={tree}", sys.executable, "-P", "-c",
+                                     ENGINE, str(tar), str(target)]
             methods = pinned(plain, args.cpus)
             runs: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
             for _ in range(args.rounds):
@@ -120,21 +125,28 @@ def report(runs: dict[str, list[tuple[float, float, float]]], members: int, size
         f"a {size / 1e6:.0f} MB pax tar of {members:,} members (40,000 files of 0-8 KiB,",
         "made as `image build` makes images) in a tmpfs, extracted into a fresh tmpfs.",
         "",
+        "The last column takes off the user CPU of the same command on an empty archive",
+        "(python's start-up and the imports), timed in the same rounds.",
+        "",
         "| method | wall | x GNU tar | members/s | user CPU | system CPU | wall per member "
-        "| user CPU per member |",
-        "|---|---|---|---|---|---|---|---|",
+        "| user CPU per member | the same, start-up excluded |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, rs in runs.items():
-        suffix = name.partition(" ")[2]
-        peer = f"gnu-tar {suffix}" if suffix else "gnu-tar"
-        gnu = statistics.median(r[0] for r in runs[peer])
+        method, _, suffix = name.partition(" ")
+        if method.endswith(START):
+            continue
+        gnu = statistics.median(r[0] for r in runs[" ".join(("gnu-tar", suffix)).strip()])
         wall = statistics.median(r[0] for r in rs)
         user = statistics.median(r[1] for r in rs)
         system = statistics.median(r[2] for r in rs)
+        start = runs.get(" ".join((method + START, suffix)).strip())
+        excluded = (f"{(user - statistics.median(r[1] for r in start)) / members * 1e6:.1f} us"
+                    if start else "-")
         lines.append(f"| {name} | {wall:.2f} s | {wall / gnu:.2f} | {members / wall:,.0f} | "
                      f"{user:.2f} s | "
                      f"{system:.2f} s | {wall / members * 1e6:.1f} us | "
-                     f"{user / members * 1e6:.1f} us |")
+                     f"{user / members * 1e6:.1f} us | {excluded} |")
     return "\n".join(lines)
 
 

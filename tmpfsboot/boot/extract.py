@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from .acl import acl_text_to_xattr, read_id_table
 from .errors import ArchiveError, SpaceError, UnsafeMemberError
-from .filewrite import POOL_FILE_MAX, WriteFailed, WritePool, finish_file
+from .filewrite import POOL_FILE_MAX, WriteFailed, WritePool, finish_file, write_all
 from .tarheader import (
     BLOCKDEV,
     CHAR,
@@ -30,6 +30,7 @@ from .tarheader import (
     HARDLINK,
     REGULAR,
     SYMLINK,
+    FastRun,
     HeaderParser,
     Member,
     read_sparse_map,
@@ -207,39 +208,58 @@ class Extractor:
 
     def _members(self, parser: HeaderParser, reader: Reader, stats: ExtractStats,
                  label: str) -> None:
-        """Every member up to the end-of-archive block. The plain files of the parser's
-        fast path, most of a root, are handled inline: each step here is paid per file."""
-        next_fast, dirs, layer_paths = parser.next_fast, self._dirs, self._layer_paths
-        setgid_dirs, pool, root_fd = self._setgid_dirs, self._pool, self._root_fd
-        owner = (self._euid, self._egid) if self.same_owner else None
-        name = ""
+        """Every member up to the end-of-archive block: the parser's fast runs (most of
+        a root) through `_fast_files`, the rest one by one."""
+        fast_run, name = parser.fast_run, ""
         try:
             while True:
-                if (fast := next_fast()) is None:
-                    if (m := parser.next_general()) is None:
-                        break
+                if run := fast_run():
+                    self._fast_files(run, reader, stats, label)
+                elif (m := parser.next_general()) is None:
+                    break
+                else:
                     name = m.name
                     self._general_member(m, reader, stats)
-                    continue
-                name, kind, mode, uid, gid, size, mtime_ns = fast
+            if self._pool is not None:
+                self._pool.sync()
+        except WriteFailed as e:
+            raise _member_error(e.error, e.name, label) from e.error
+        except OSError as e:
+            raise _member_error(e, name, label) from e
+
+    def _fast_files(self, run: list[FastRun], reader: Reader, stats: ExtractStats,
+                    label: str) -> None:
+        """The plain files of RUN, written from the reader's buffer where they lie; the
+        rest of its members, and files in odd places, through `_general_member`. Each step
+        here is paid for each file of a root."""
+        dirs, layer_paths, setgid_dirs = self._dirs, self._layer_paths, self._setgid_dirs
+        pool, root_fd, buf, view = self._pool, self._root_fd, reader.buf, reader.view
+        same_owner, euid, egid = self.same_owner, self._euid, self._egid
+        write, utime, close = os.write, os.utime, os.close
+        files = nbytes = 0
+        name = ""
+        try:
+            for name, kind, mode, uid, gid, size, mtime_ns, at in run:
                 parent, _, base = name.rpartition("/")
                 real_parent = dirs.get(parent)
-                if (kind != REGULAR or real_parent is None or base.startswith(WHITEOUT)
-                        or name.startswith(("/", ".")) or "//" in name or "/." in name):
-                    self._general_member(Member(*fast), reader, stats)
+                # (a whiteout's name has a "/." or starts with ".": it goes the general way)
+                if (kind != REGULAR or real_parent is None or name.startswith(("/", "."))
+                        or "//" in name or "/." in name):
+                    data = Reader.over(buf[at : at + size + (-size % 512)])
+                    self._general_member(Member(name, kind, mode, uid, gid, size, mtime_ns),
+                                         data, stats)
                     continue
-                rel = f"{real_parent}/{base}" if real_parent else base
-                stats.files += 1
-                stats.bytes += size
-                chown = owner is not None and (owner != (uid, gid) or real_parent in setgid_dirs)
-                pad = -size % 512
+                rel = name if real_parent == parent else f"{real_parent}/{base}"
+                files += 1
+                nbytes += size
+                chown = same_owner and (uid != euid or gid != egid or real_parent in setgid_dirs)
                 if pool is not None:
                     if rel in layer_paths:
                         pool.sync()  # the same path again: the first one may be in flight
                     elif size <= POOL_FILE_MAX:
                         layer_paths.add(rel)
-                        pool.submit(rel, reader.take(size, pad, name), name, chown, uid, gid,
-                                    mode, mtime_ns)
+                        pool.submit(rel, buf[at : at + size], name, chown, uid, gid, mode,
+                                    mtime_ns)
                         continue
                 layer_paths.add(rel)
                 try:
@@ -247,17 +267,19 @@ class Extractor:
                 except FileExistsError:
                     fd = self._create(rel, mode)
                 try:
-                    if size:
-                        reader.copy(fd, size, name, pad=pad)
-                    finish_file(fd, chown, uid, gid, mode, mtime_ns)
+                    if size and (done := write(fd, view[at : at + size])) < size:
+                        write_all(fd, view[at + done : at + size])
+                    if chown:
+                        finish_file(fd, chown, uid, gid, mode, mtime_ns)
+                    else:
+                        utime(fd, ns=(mtime_ns, mtime_ns))
                 finally:
-                    os.close(fd)
-            if pool is not None:
-                pool.sync()
-        except WriteFailed as e:
-            raise _member_error(e.error, e.name, label) from e.error
+                    close(fd)
         except OSError as e:
             raise _member_error(e, name, label) from e
+        finally:
+            stats.files += files
+            stats.bytes += nbytes
 
     def _general_member(self, m: Member, reader: Reader, stats: ExtractStats) -> None:
         if self._pool is not None and self._may_meet_pool(m):

@@ -100,22 +100,19 @@ def checksum_ok(block: bytes | bytearray) -> bool:
         return False
 
 
-def checksum_is(block: bytes | bytearray, digits: bytes) -> bool:
-    """BLOCK's checksum is right, its field being DIGITS (six octal digits) then "\\0 ",
-    as a caller's match already saw: the fast path's `checksum_ok`."""
-    total = (adler32(block) & 0xFFFF) - 1 if block.isascii() else unsigned_sum(block)
-    expected = _CHECKSUM_TOTALS.get(digits)
-    if expected is None:
-        # the field is summed as eight spaces (256), not as its digits, NUL and space
-        expected = int(digits, 8) + sum(digits) + 32 - 256
-        if len(_CHECKSUM_TOTALS) < 1 << 16:
-            _CHECKSUM_TOTALS[digits] = expected
-    return total == expected
+def checksum_adler(digits: bytes) -> int:
+    """What zlib's adler32 gives, in its low 16 bits, for an ASCII header block whose
+    checksum field, DIGITS (six octal digits, then "\\0 "), is right: one plus the sum of
+    its bytes (512 bytes under 128 sum to less than adler32's modulus). The fast path's
+    `checksum_ok`; cached, as a root's headers share a few thousand checksums."""
+    # the field is summed as eight spaces (256), not as its digits, NUL and space
+    adler = int(digits, 8) + sum(digits) + 32 - 256 + 1
+    if len(CHECKSUM_ADLERS) < 1 << 16:
+        CHECKSUM_ADLERS[digits] = adler
+    return adler
 
 
-# checksum field digits -> the sum of the block's bytes they stand for; a root's headers
-# share a few thousand checksums, and parsing them once each saves two calls a header
-_CHECKSUM_TOTALS: dict[bytes, int] = {}
+CHECKSUM_ADLERS: dict[bytes, int] = {}  # checksum field digits -> `checksum_adler`
 
 
 FRACTION_SCALE = tuple(10 ** (9 - n) for n in range(10))  # nanoseconds per unit of a

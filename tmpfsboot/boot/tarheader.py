@@ -18,13 +18,15 @@ import enum
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from zlib import adler32
 
 from .errors import ArchiveError
 from .tarfields import (
+    CHECKSUM_ADLERS,
     FRACTION_SCALE,
     MAX_ID,
     MAX_NUMBER,
-    checksum_is,
+    checksum_adler,
     checksum_ok,
     cstr,
     fail,
@@ -90,14 +92,19 @@ _REGULAR_FLAGS = frozenset((REGULAR, 0, TypeFlag.CONTIGUOUS[0]))
 _SKIPPED = frozenset((SKIP, TypeFlag.GNU_MULTIVOL[0]))
 _OCTAL_OR_PAD = b"01234567 \0"
 
-# The fast path (`next_fast`): the blocks `image build` writes, each matched by one
-# expression. A pax header from its size field on (size, mtime, checksum, typeflag x)
-# through its one record, an mtime; a file or directory header from its mode field to its
-# magic (mode+uid+gid, size, mtime, checksum, typeflag, an empty link name).
+# The fast path (`_fast`): the shape `image build` gives almost every member, a plain
+# ustar header of a file or directory (octal fields, no prefix, the checksum spelt
+# "%06o\0 ", ASCII) after a pax header holding only an mtime when the mtime has a
+# fraction. Each block is checked by one match and one checksum, and gives the same member
+# `_general` gives for the same bytes (tests/test_tarfast.py); anything else, odd or merely
+# rarer, is left to `_general`. The pax header is matched from its size field (size,
+# mtime, checksum, typeflag x) through its one record, an mtime; the file header from its
+# mode field to its magic (mode+uid+gid, size, mtime, checksum, typeflag, an empty link
+# name: its first byte a NUL, as `cstr` reads it).
 _PAX_MTIME_HEADER = re.compile(rb"([0-7]{11})\0.{12}([0-7]{6})\0 x.{355}"
                                rb"(\d{1,3}) mtime=(\d{1,18})(?:\.(\d{1,9}))?\n", re.DOTALL)
 _FILE_BLOCK = re.compile(rb"([0-7]{7}\0[0-7]{7}\0[0-7]{7})\0([0-7]{11})\0([0-7]{11})\0"
-                         rb"([0-7]{6})\0 ([05])\0{100}ustar\x0000")
+                         rb"([0-7]{6})\0 ([05])\0.{99}ustar\x0000", re.DOTALL)
 _ZERO_SIZE = b"0" * 11
 # an mtime record is short: its size field and its length, looked up rather than parsed
 _PAX_RECORD_SIZES = {b"%011o" % n: n for n in range(1, 64)}
@@ -105,6 +112,7 @@ _PAX_RECORD_LENGTHS = {b"%d" % n: n for n in range(1, 64)}
 _FAST_HEADERS = 3 * BLOCK  # a pax header, its record block and the member's header
 
 FastMember = tuple[str, int, int, int, int, int, int]
+FastRun = tuple[str, int, int, int, int, int, int, int]  # FastMember, then where its data is
 
 
 @dataclass(slots=True)
@@ -185,8 +193,7 @@ class HeaderParser:
         self.read = reader.read
         self.global_pax: dict[str, bytes] = {}
         self.count = 0
-        # raw mode, uid and gid fields -> (mode, uid, gid): a root repeats a handful
-        self._ids: dict[bytes, tuple[int, int, int]] = {}
+        self._ids: dict[bytes, tuple[int, int, int]] = {}  # raw fields -> `_parse_ids`
 
     def next_member(self) -> Member | None:
         """The next member; None at the end-of-archive block. Raises ArchiveError."""
@@ -202,54 +209,82 @@ class HeaderParser:
     def next_fast(self) -> FastMember | None:
         """The next member as (name, kind, mode, uid, gid, size, mtime_ns) if it has the
         shape `image build` gives almost every member, else None with nothing consumed.
+        Its data is left to read."""
+        run = self._fast(whole=False)
+        return run[0][:7] if run else None
 
-        That shape: a plain ustar header of a file or directory (octal fields, no prefix,
-        the checksum spelt "%06o\\0 "), after a pax header holding only an mtime when the
-        mtime has a fraction. Each block is checked by one match and one checksum, and
-        gives the same member `_general` gives for the same bytes (tests/test_tarfast.py);
-        anything else, odd or merely rarer, is left to `_general`.
-        """
+    def fast_run(self) -> list[FastRun]:
+        """The next members of that shape that lie whole in the reader's buffer, headers
+        and data, as (name, kind, mode, uid, gid, size, mtime_ns, at), their data being
+        `reader.buf[at : at + size]`; the reader moves past them all. Empty when the next
+        member is of another shape, or not whole in the buffer."""
+        return self._fast(whole=True)
+
+    def _fast(self, *, whole: bool) -> list[FastRun]:
+        """The members of the fast path's shape (see `_FILE_BLOCK`) whole in the buffer,
+        in one loop (each step here is paid for each member of a root); when not WHOLE,
+        the next one, its data left to read."""
         reader = self.reader
+        found: list[FastRun] = []
         if (reader.end - reader.pos < _FAST_HEADERS and reader.ensure(_FAST_HEADERS)
                 < _FAST_HEADERS) or self.global_pax:
-            return None  # near the end of the stream: the general path reads it
-        buf, pos = reader.buf, reader.pos
-        mtime_ns = -1
-        if buf[pos + 156] == 0x78:  # x
-            pax = _PAX_MTIME_HEADER.match(buf, pos + 124)
-            if pax is None:
-                return None
-            size_field, checksum, length, whole, frac = pax.groups()
-            size = _PAX_RECORD_SIZES.get(size_field, -1)
-            if (pax.end() != pos + BLOCK + size or _PAX_RECORD_LENGTHS.get(length) != size
-                    or not checksum_is(buf[pos : pos + BLOCK], checksum)):
-                return None
-            # SECONDS.FRACTION: the digits as one number, scaled to nanoseconds
-            mtime_ns = (int(whole + frac) * FRACTION_SCALE[len(frac)] if frac
-                        else int(whole) * 1_000_000_000)
-            pos += 2 * BLOCK
-        header = _FILE_BLOCK.match(buf, pos + 100)
-        if header is None or buf[pos + 345]:
-            return None
-        raw_ids, size_field, seconds, checksum, flag = header.groups()
-        end = buf.find(0, pos, pos + 100)
-        if end < 0:
-            end = pos + 100
-        if (end == pos or (flag == b"0" and buf[end - 1] == 0x2F)
-                or (flag == b"5" and size_field != _ZERO_SIZE)
-                or not checksum_is(buf[pos : pos + BLOCK], checksum)):
-            return None
-        ids = self._ids.get(raw_ids)
-        if ids is None:
-            ids = (int(raw_ids[0:7], 8) & 0o7777, int(raw_ids[8:15], 8), int(raw_ids[16:23], 8))
-            if len(self._ids) < 1024:
-                self._ids[raw_ids] = ids
-        if mtime_ns < 0:
-            mtime_ns = int(seconds, 8) * 1_000_000_000
-        reader.pos = pos + BLOCK
-        self.count += 1
-        return (buf[pos:end].decode("utf-8", "surrogateescape"), flag[0], *ids,
-                int(size_field, 8), mtime_ns)
+            return found  # near the end of the stream: the general path reads it
+        buf, pos, end, known_ids = reader.buf, reader.pos, reader.end, self._ids
+        adlers, pax_match, file_match = CHECKSUM_ADLERS, _PAX_MTIME_HEADER.match, _FILE_BLOCK.match
+        record_sizes, append, short = _PAX_RECORD_SIZES, found.append, 0
+        while end - pos >= _FAST_HEADERS:
+            at, mtime_ns = pos, -1
+            if buf[at + 156] == 0x78:  # x: a pax header, its one record an mtime
+                pax = pax_match(buf, at + 124)
+                if pax is None:
+                    break
+                size_field, checksum, length, seconds, fraction = pax.groups()
+                size = record_sizes.get(size_field, -1)
+                block = buf[at : at + BLOCK]
+                if (pax.end() != at + BLOCK + size or _PAX_RECORD_LENGTHS.get(length) != size
+                        or not block.isascii() or adler32(block) & 0xFFFF
+                        != (adlers.get(checksum) or checksum_adler(checksum))):
+                    break
+                # SECONDS.FRACTION: the digits as one number, scaled to nanoseconds
+                mtime_ns = (int(seconds + fraction) * FRACTION_SCALE[len(fraction)]
+                            if fraction else int(seconds) * 1_000_000_000)
+                at += 2 * BLOCK
+            header = file_match(buf, at + 100)
+            if header is None or buf[at + 345]:
+                break
+            raw_ids, size_field, seconds, checksum, flag = header.groups()
+            if (name_end := buf.find(0, at, at + 100)) < 0:
+                name_end = at + 100
+            block = buf[at : at + BLOCK]
+            if (name_end == at or (flag == b"0" and buf[name_end - 1] == 0x2F)
+                    or (flag == b"5" and size_field != _ZERO_SIZE) or not block.isascii()
+                    or adler32(block) & 0xFFFF
+                    != (adlers.get(checksum) or checksum_adler(checksum))):
+                break
+            size = int(size_field, 8)
+            stop = at = at + BLOCK
+            if whole and (stop := at + size + (-size % BLOCK)) > end:
+                short = 0 if found or stop - pos > len(buf) else stop - pos
+                break
+            if mtime_ns < 0:
+                mtime_ns = int(seconds, 8) * 1_000_000_000
+            append((block[: name_end - at + BLOCK].decode(), flag[0],
+                    *(known_ids.get(raw_ids) or self._parse_ids(raw_ids)), size, mtime_ns, at))
+            pos = stop
+            if not whole:
+                break
+        reader.pos = pos
+        self.count += len(found)
+        if short and reader.ensure(short) >= short:  # a small file cut by the buffer's end
+            return self._fast(whole=True)
+        return found
+
+    def _parse_ids(self, raw: bytes) -> tuple[int, int, int]:
+        """Mode, uid and gid from their three fields, RAW (as `_FILE_BLOCK` matched them)."""
+        ids = (int(raw[0:7], 8) & 0o7777, int(raw[8:15], 8), int(raw[16:23], 8))
+        if len(self._ids) < 1024:  # a root repeats a handful
+            self._ids[raw] = ids
+        return ids
 
     def _general(self, block: bytes, pax: list[tuple[str, bytes]] | None) -> Member | None:
         """The next member, BLOCK being its first header block (any format)."""

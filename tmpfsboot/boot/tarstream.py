@@ -8,6 +8,7 @@ A fresh 1 MiB per read would cost page faults and copies; this buffer is filled 
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Callable
 
@@ -30,6 +31,11 @@ class Reader:
     @classmethod
     def from_fd(cls, fd: int) -> Reader:
         return cls(lambda view: os.readv(fd, [view]))
+
+    @classmethod
+    def over(cls, data: bytes | bytearray) -> Reader:
+        """A reader of DATA, already in memory."""
+        return cls(io.BytesIO(data).readinto, max(len(data), 1))
 
     def _fill(self) -> bool:
         """Refill the (consumed) buffer from its start; False at the end of the stream."""
