@@ -258,7 +258,7 @@ class Extractor:
                         pool.sync()  # the same path again: the first one may be in flight
                     elif size <= POOL_FILE_MAX:
                         layer_paths.add(rel)
-                        pool.submit(rel, buf[at : at + size], name, chown, uid, gid, mode,
+                        pool.submit(rel, view[at : at + size], name, chown, uid, gid, mode,
                                     mtime_ns)
                         continue
                 layer_paths.add(rel)
@@ -275,6 +275,8 @@ class Extractor:
                         utime(fd, ns=(mtime_ns, mtime_ns))
                 finally:
                     close(fd)
+            if pool is not None:
+                pool.flush()  # its views of the buffer, before the buffer is read into again
         except OSError as e:
             raise _member_error(e, name, label) from e
         finally:

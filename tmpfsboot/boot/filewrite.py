@@ -104,9 +104,10 @@ class WritePool:
             workers = min(cpus() - busy, MAX_WORKERS)
         return cls(workers, root_fd, create_flags) if workers > 0 else None
 
-    def submit(self, rel: str, data: bytes | bytearray, name: str, chown: bool, uid: int,
-               gid: int, mode: int, mtime_ns: int) -> None:
-        """Queue a new file at REL (relative to the root) with DATA and its metadata."""
+    def submit(self, rel: str, data: bytes | bytearray | memoryview, name: str, chown: bool,
+               uid: int, gid: int, mode: int, mtime_ns: int) -> None:
+        """Queue a new file at REL (relative to the root) with DATA and its metadata. DATA
+        may be a view of a buffer the caller reuses: then it calls `flush` first."""
         path = rel.encode("utf-8", "surrogateescape")  # as os.fsencode, without its call
         self._batch += (_JOB.pack(len(path), mode, uid, gid, chown, mtime_ns, len(data)),
                         path, data)
@@ -114,11 +115,11 @@ class WritePool:
         self._batch_files += 1
         self._batch_bytes += len(data)
         if self._batch_files >= BATCH_FILES or self._batch_bytes >= BATCH_BYTES:
-            self._flush()
+            self.flush()
 
     def sync(self) -> None:
         """Wait until every file handed over is written; raises WriteFailed."""
-        self._flush()
+        self.flush()
         for i, sent in enumerate(self._sent):
             while sent:
                 self._acks(i, wait=True)
@@ -137,7 +138,8 @@ class WritePool:
             os.close(acks)
         self._workers = []
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Hand the files queued so far to a worker (or write them here)."""
         if not self._batch_files:
             return
         sent = self._sent
