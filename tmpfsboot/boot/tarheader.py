@@ -95,20 +95,48 @@ _OCTAL_OR_PAD = b"01234567 \0"
 # The fast path (`_fast`): the shape `image build` gives almost every member, a plain
 # ustar header of a file or directory (octal fields, no prefix, the checksum spelt
 # "%06o\0 ", ASCII) after a pax header holding only an mtime when the mtime has a
-# fraction. Each block is checked by one match and one checksum, and gives the same member
-# `_general` gives for the same bytes (tests/test_tarfast.py); anything else, odd or merely
-# rarer, is left to `_general`. The pax header is matched from its size field (size,
-# mtime, checksum, typeflag x) through its one record, an mtime; the file header from its
-# mode field to its magic (mode+uid+gid, size, mtime, checksum, typeflag, an empty link
-# name: its first byte a NUL, as `cstr` reads it).
-_PAX_MTIME_HEADER = re.compile(rb"([0-7]{11})\0.{12}([0-7]{6})\0 x.{355}"
-                               rb"(\d{1,3}) mtime=(\d{1,18})(?:\.(\d{1,9}))?\n", re.DOTALL)
-_FILE_BLOCK = re.compile(rb"([0-7]{7}\0[0-7]{7}\0[0-7]{7})\0([0-7]{11})\0([0-7]{11})\0"
-                         rb"([0-7]{6})\0 ([05])\0.{99}ustar\x0000", re.DOTALL)
+# fraction. One match checks the fields of the blocks, one checksum each block, and they
+# give the same member `_general` gives for the same bytes (tests/test_tarfast.py);
+# anything else, odd or merely rarer, is left to `_general`. A member's header is matched
+# from its name to its magic: name, mode+uid+gid, size, mtime, checksum, typeflag, an
+# empty link name (its first byte a NUL, as `cstr` reads it).
+_FILE_FIELDS = (rb"([^\0]{1,100})\0*([0-7]{7}\0[0-7]{7}\0[0-7]{7})\0([0-7]{11})\0([0-7]{11})\0"
+                rb"([0-7]{6})\0 ([05])\0.{99}ustar\x0000")
+_FILE_BLOCK = re.compile(_FILE_FIELDS, re.DOTALL)
+_MAGIC_END = 265  # where the magic and version end in a header block
+
+
+def _pax_mtime_and_file(length: int) -> re.Pattern[bytes]:
+    """A pax header with one mtime record of LENGTH bytes, from its size field on (size,
+    mtime, checksum, typeflag x), its record, and the member's header after it: so the
+    three blocks take one match. The record is "LENGTH mtime=SECONDS[.FRACTION]\\n"."""
+    value = length - len(b"%d mtime=" % length) - 1  # the digits and the dot
+    return re.compile(b"%011o" % length + rb"\0.{12}([0-7]{6})\0 x.{355}"
+                      + b"%d mtime=(?=[0-9.]{%d}\n)" % (length, value)
+                      + rb"(\d{1,18})(?:\.(\d{1,9}))?\n" + b".{%d}" % (BLOCK - length)
+                      + _FILE_FIELDS, re.DOTALL)
+
+
+# `_pax_mtime_and_file(n).match` by the last two digits of the pax header's size field, as
+# the int `(block[133] << 8) | block[134]`; compiled when first seen (see `_pax_matcher`)
+_PAX_MATCHERS: dict[int, Callable[[bytearray, int], re.Match[bytes] | None]] = {}
+_PAX_LENGTHS = {(b"%02o" % n)[0] << 8 | (b"%02o" % n)[1]: n
+                for n in range(len("11 mtime=1\n"), 64)}  # an mtime record is short
+
+
+def _pax_matcher(key: int) -> Callable[[bytearray, int], re.Match[bytes] | None] | None:
+    """The matcher for pax headers whose size field ends in KEY's digits; None for no
+    mtime record length. Compiled on demand: a root's records come in a few lengths
+    (its seconds' digits, one to nine of a fraction), and compiling all would take more
+    of the start-up than their matching saves on a small archive."""
+    length = _PAX_LENGTHS.get(key)
+    if length is None:
+        return None
+    match = _PAX_MATCHERS[key] = _pax_mtime_and_file(length).match
+    return match
+
+
 _ZERO_SIZE = b"0" * 11
-# an mtime record is short: its size field and its length, looked up rather than parsed
-_PAX_RECORD_SIZES = {b"%011o" % n: n for n in range(1, 64)}
-_PAX_RECORD_LENGTHS = {b"%d" % n: n for n in range(1, 64)}
 _FAST_HEADERS = 3 * BLOCK  # a pax header, its record block and the member's header
 
 FastMember = tuple[str, int, int, int, int, int, int]
@@ -221,7 +249,7 @@ class HeaderParser:
         return self._fast(whole=True)
 
     def _fast(self, *, whole: bool) -> list[FastRun]:
-        """The members of the fast path's shape (see `_FILE_BLOCK`) whole in the buffer,
+        """The members of the fast path's shape (see `_FILE_FIELDS`) whole in the buffer,
         in one loop (each step here is paid for each member of a root); when not WHOLE,
         the next one, its data left to read."""
         reader = self.reader
@@ -230,45 +258,44 @@ class HeaderParser:
                 < _FAST_HEADERS) or self.global_pax:
             return found  # near the end of the stream: the general path reads it
         buf, pos, end, known_ids = reader.buf, reader.pos, reader.end, self._ids
-        adlers, pax_match, file_match = CHECKSUM_ADLERS, _PAX_MTIME_HEADER.match, _FILE_BLOCK.match
-        record_sizes, append, short = _PAX_RECORD_SIZES, found.append, 0
+        adlers, pax_matchers, file_match = CHECKSUM_ADLERS, _PAX_MATCHERS, _FILE_BLOCK.match
+        append, short = found.append, 0
         while end - pos >= _FAST_HEADERS:
-            at, mtime_ns = pos, -1
+            at = pos
             if buf[at + 156] == 0x78:  # x: a pax header, its one record an mtime
-                pax = pax_match(buf, at + 124)
-                if pax is None:
+                key = buf[at + 133] << 8 | buf[at + 134]
+                match = pax_matchers.get(key) or _pax_matcher(key)
+                header = None if match is None else match(buf, at + 124)
+                if header is None or header.end() != at + 2 * BLOCK + _MAGIC_END:
                     break
-                size_field, checksum, length, seconds, fraction = pax.groups()
-                size = record_sizes.get(size_field, -1)
+                (checksum, seconds, fraction, name, raw_ids, size_field, _, file_checksum,
+                 flag) = header.groups()
                 block = buf[at : at + BLOCK]
-                if (pax.end() != at + BLOCK + size or _PAX_RECORD_LENGTHS.get(length) != size
-                        or not block.isascii() or adler32(block) & 0xFFFF
+                if (not block.isascii() or adler32(block) & 0xFFFF
                         != (adlers.get(checksum) or checksum_adler(checksum))):
                     break
                 # SECONDS.FRACTION: the digits as one number, scaled to nanoseconds
                 mtime_ns = (int(seconds + fraction) * FRACTION_SCALE[len(fraction)]
                             if fraction else int(seconds) * 1_000_000_000)
                 at += 2 * BLOCK
-            header = file_match(buf, at + 100)
-            if header is None or buf[at + 345]:
-                break
-            raw_ids, size_field, seconds, checksum, flag = header.groups()
-            if (name_end := buf.find(0, at, at + 100)) < 0:
-                name_end = at + 100
+            else:
+                header = file_match(buf, at)
+                if header is None or header.end() != at + _MAGIC_END:
+                    break
+                name, raw_ids, size_field, seconds, file_checksum, flag = header.groups()
+                mtime_ns = int(seconds, 8) * 1_000_000_000
             block = buf[at : at + BLOCK]
-            if (name_end == at or (flag == b"0" and buf[name_end - 1] == 0x2F)
+            if (buf[at + 345] or (flag == b"0" and name[-1] == 0x2F)
                     or (flag == b"5" and size_field != _ZERO_SIZE) or not block.isascii()
                     or adler32(block) & 0xFFFF
-                    != (adlers.get(checksum) or checksum_adler(checksum))):
+                    != (adlers.get(file_checksum) or checksum_adler(file_checksum))):
                 break
             size = int(size_field, 8)
             stop = at = at + BLOCK
             if whole and (stop := at + size + (-size % BLOCK)) > end:
                 short = 0 if found or stop - pos > len(buf) else stop - pos
                 break
-            if mtime_ns < 0:
-                mtime_ns = int(seconds, 8) * 1_000_000_000
-            append((block[: name_end - at + BLOCK].decode(), flag[0],
+            append((name.decode(), flag[0],
                     *(known_ids.get(raw_ids) or self._parse_ids(raw_ids)), size, mtime_ns, at))
             pos = stop
             if not whole:
@@ -280,7 +307,7 @@ class HeaderParser:
         return found
 
     def _parse_ids(self, raw: bytes) -> tuple[int, int, int]:
-        """Mode, uid and gid from their three fields, RAW (as `_FILE_BLOCK` matched them)."""
+        """Mode, uid and gid from their three fields, RAW (as `_FILE_FIELDS` matched them)."""
         ids = (int(raw[0:7], 8) & 0o7777, int(raw[8:15], 8), int(raw[16:23], 8))
         if len(self._ids) < 1024:  # a root repeats a handful
             self._ids[raw] = ids
