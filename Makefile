@@ -6,7 +6,8 @@ VENV     := .venv
 BIN      := $(VENV)/bin
 STAMP    := $(VENV)/.installed
 
-# Debian packages the engine, the image tools, the tests and the VM boot need.
+# Debian packages the engine, the image tools, the tests, the VM boot and the benchmarks
+# need.
 DEB_PACKAGES := \
 	python3.11-minimal python3-venv \
 	tar xz-utils pixz zstd pigz bzip2 gpgv gnupg attr acl curl ca-certificates openssl \
@@ -15,7 +16,7 @@ DEB_PACKAGES := \
 	debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools python3-wheel \
 	dpkg-dev lintian man-db \
 	squashfs-tools erofs-utils dracut-core dracut-network dracut-live \
-	isc-dhcp-client iputils-arping
+	isc-dhcp-client iputils-arping valgrind
 
 .PHONY: all deps test demo demo-debian lint bench bench-layers fleet reliability man deb clean
 
@@ -50,7 +51,7 @@ demo-debian: deps
 
 bench: deps
 	$(BIN)/python bench/fetch.py --write
-	$(BIN)/python bench/extract.py --write
+	$(BIN)/python bench/extract.py --instructions --write
 	$(BIN)/python bench/storm.py --write
 	$(BIN)/python bench/debian.py --write
 

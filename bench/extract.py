@@ -17,19 +17,25 @@ extracts it into a fresh tmpfs with each method, interleaved round by round:
 With --cpus 1,2 every method runs under `taskset` on 1, then 2 CPUs (each CPU count a
 method of its own in the same interleaved rounds). Prints medians, ratios to GNU tar on
 the same CPUs and microseconds per member (wall and user CPU), and with --write puts them
-in docs/benchmarks.md under `## Extraction`.
+in docs/benchmarks.md under `## Extraction`. CPU times move with the machine's load (a
+busy neighbour slows every instruction); --instructions also counts each method's
+instructions per member under valgrind's callgrind, on one CPU, which the load does not
+move.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -42,6 +48,7 @@ from support.report import write_section  # noqa: E402
 from tmpfsboot.host.image import TAR_OPTIONS  # noqa: E402
 
 FILES, DIRS, MAX_SIZE = 40_000, 400, 8192
+COUNTED_DIRS = 100  # --instructions counts on the first quarter of the root (callgrind is slow)
 START = "-start"  # the suffix of an engine's run on an empty archive
 GNU_TAR = ["tar", "-x", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-f"]
 ENGINE = ("import os, sys; from tmpfsboot.boot.extract import Extractor; "
@@ -57,6 +64,50 @@ def make_root(root: Path) -> int:
     for i in range(FILES):
         (root / f"d{i % DIRS:03}" / f"f{i:05}").write_bytes(payload[: rng.randrange(MAX_SIZE)])
     return 1 + DIRS + FILES
+
+
+def instructions(argv: list[str], env: dict[str, str] | None = None) -> int:
+    """The instructions ARGV runs in user space on one CPU (so with no writer process), as
+    callgrind counts them: the same on a busy machine as on an idle one, where CPU times
+    move with the load."""
+    done = subprocess.run(["taskset", "-c", "0", "valgrind", "--tool=callgrind",
+                           "--callgrind-out-file=/dev/null", *argv],
+                          check=True, capture_output=True, text=True,
+                          env={**os.environ, **(env or {}), "PYTHONHASHSEED": "0"})
+    found = re.search(r"Collected : (\d+)", done.stderr)
+    if found is None:
+        raise SystemExit(f"no instruction count from valgrind: {done.stderr[-300:]}")
+    return int(found.group(1))
+
+
+def counted(engines: dict[str, str], src: Path, empty: Path, target: Path) -> str:
+    """Instructions per member of each engine and of GNU tar, from an archive of the first
+    COUNTED_DIRS directories of the root at SRC less the same command on EMPTY."""
+    dirs = sorted(p.name for p in src.iterdir() if p.is_dir())[:COUNTED_DIRS]
+    archive = src / "counted.tar"
+    subprocess.run(["tar", "-c", "-f", str(archive), *TAR_OPTIONS, "-C", str(src), *dirs],
+                   check=True)
+    members = len(dirs) * (1 + FILES // DIRS)
+
+    def engine(tar: Path) -> list[str]:
+        return [sys.executable, "-P", "-c", ENGINE, str(tar), str(target)]
+
+    commands: dict[str, tuple[Callable[[Path], list[str]], dict[str, str] | None]] = {
+        "gnu-tar": (lambda tar: [*GNU_TAR, str(tar), "-C", str(target)], None)}
+    commands.update((name, (engine, {"PYTHONPATH": tree})) for name, tree in engines.items())
+    lines = ["", f"Instructions per member in user space (callgrind; {members:,} members, less "
+             "an empty archive's: start-up excluded, and the same whatever the load):", "",
+             "| method | instructions per member | x GNU tar |", "|---|---|---|"]
+    per_member = {}
+    for name, (argv, env) in commands.items():
+        counts = []
+        for tar in (archive, empty):
+            with mounted_tmpfs(target, size="2g"):
+                counts.append(instructions(argv(tar), env))
+        per_member[name] = (counts[0] - counts[1]) / members
+        lines.append(f"| {name} | {per_member[name]:,.0f} | "
+                     f"{per_member[name] / per_member['gnu-tar']:.1f} |")
+    return "\n".join(lines)
 
 
 def timed(argv: list[str]) -> tuple[float, float, float]:
@@ -76,6 +127,8 @@ def main() -> int:
                         help="NAME=DIR: a tree holding tmpfsboot/ to measure (repeatable)")
     parser.add_argument("--cpus", default="",
                         help="N,M,...: run every method on the first N CPUs (taskset)")
+    parser.add_argument("--instructions", action="store_true",
+                        help="also count instructions per member with valgrind")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = parser.parse_args()
     engines = dict(e.split("=", 1) for e in args.engine) or {"engine": str(REPO)}
@@ -102,7 +155,9 @@ def main() -> int:
                     with mounted_tmpfs(target, size="2g"):
                         runs[name].append(timed(argv))
             size = archive.stat().st_size
-    body = report(runs, members, size, args.rounds)
+            body = report(runs, members, size, args.rounds)
+            if args.instructions:
+                body += "\n" + counted(engines, src, empty, target)
     print(body)
     if args.write:
         write_section(REPO / "docs" / "benchmarks.md", "## Extraction", body)

@@ -235,7 +235,7 @@ class Extractor:
         dirs, layer_paths, setgid_dirs = self._dirs, self._layer_paths, self._setgid_dirs
         pool, root_fd, buf, view = self._pool, self._root_fd, reader.buf, reader.view
         same_owner, euid, egid = self.same_owner, self._euid, self._egid
-        write, utime, close = os.write, os.utime, os.close
+        create, write, utime, close, flags = os.open, os.write, os.utime, os.close, _O_CREATE
         files = nbytes = 0
         name = ""
         try:
@@ -263,7 +263,7 @@ class Extractor:
                         continue
                 layer_paths.add(rel)
                 try:
-                    fd = os.open(rel, _O_CREATE, mode, dir_fd=root_fd)
+                    fd = create(rel, flags, mode, dir_fd=root_fd)
                 except FileExistsError:
                     fd = self._create(rel, mode)
                 try:
