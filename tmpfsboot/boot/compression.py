@@ -20,8 +20,8 @@ from typing import Protocol
 
 from .errors import ArchiveError, CommandError
 from .run import find_program, spawn, wait_stage
-from .tarfields import verify_checksum
-from .tarheader import BLOCK, ZERO_BLOCK
+from .tarfields import BLOCK, verify_checksum
+from .tarheader import ZERO_BLOCK
 
 log = logging.getLogger("tmpfsboot")
 

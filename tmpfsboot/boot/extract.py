@@ -12,16 +12,15 @@ It assumes it is the only writer in the target while it runs (true in the initra
 from __future__ import annotations
 
 import errno
-import logging
 import os
 import shutil
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .acl import acl_text_to_xattr, read_id_table
 from .errors import ArchiveError, SpaceError, UnsafeMemberError
 from .filewrite import POOL_FILE_MAX, WriteFailed, WritePool, finish_file, write_all
+from .tarfields import read_sparse_map
 from .tarheader import (
     BLOCKDEV,
     CHAR,
@@ -33,11 +32,9 @@ from .tarheader import (
     FastRun,
     HeaderParser,
     Member,
-    read_sparse_map,
 )
 from .tarstream import Reader
-
-log = logging.getLogger("tmpfsboot")
+from .xattrs import XattrSetter
 
 MAX_SYMLINK_DEPTH = 40
 
@@ -86,8 +83,7 @@ class Extractor:
         self._dirs: dict[str, str] = {"": ""}
         self._layer_paths: set[str] = set()
         self._deferred_dirs: list[tuple[str, str, Member]] = []
-        self._ids: tuple[dict[str, int], dict[str, int]] | None = None
-        self._unsupported: set[str] = set()
+        self._xattrs = XattrSetter(lambda rel: self._real(rel))
         self._euid, self._egid = os.geteuid(), os.getegid()
         self._root_fd = -1  # open while a layer is extracted: files are created under it
         self._pool: WritePool | None = None  # workers writing files, while a layer is
@@ -384,7 +380,7 @@ class Extractor:
                                          or real_parent in self._setgid_dirs)
             finish_file(fd, chown, m.uid, m.gid, m.mode, m.mtime_ns)
             if m.xattrs or m.acls:
-                self._set_xattrs(fd, m, follow=True)  # after chown and data: both clear caps
+                self._xattrs.set(fd, m, follow=True)  # after chown and data: both clear caps
         finally:
             os.close(fd)
 
@@ -441,51 +437,7 @@ class Extractor:
     def _set_owner_xattrs(self, target: int | str, m: Member, *, follow: bool) -> None:
         if self.same_owner:
             os.chown(target, m.uid, m.gid, follow_symlinks=follow)
-        self._set_xattrs(target, m, follow=follow)
-
-    def _set_xattrs(self, target: int | str, m: Member, *, follow: bool) -> None:
-        """Every xattr and ACL of M; the ones refused are named in one warning."""
-        refused: list[str] = []
-        for key, value in (m.xattrs or {}).items():
-            self._set_xattr(target, key, value, refused, follow=follow)
-        for kind, text in (m.acls or {}).items():
-            key = f"system.posix_acl_{kind}"
-            if (m.xattrs and key in m.xattrs) or not text.strip():
-                continue
-            if self._ids is None:
-                self._ids = (read_id_table(self._real("etc/passwd")),
-                             read_id_table(self._real("etc/group")))
-            users, groups = self._ids
-            try:
-                value = acl_text_to_xattr(text, users=users, groups=groups)
-            except ArchiveError as e:
-                refused.append(f"{key} ({e})")
-                continue
-            self._set_xattr(target, key, value, refused, follow=follow)
-        if refused:
-            log.warning("tar member %r: the file system refused %s: skipped", m.name,
-                        ", ".join(refused))
-
-    def _set_xattr(self, target: int | str, key: str, value: bytes, refused: list[str], *,
-                   follow: bool) -> None:
-        """Set one xattr; one the file system refuses goes into REFUSED (as GNU tar, go on).
-
-        A namespace the file system does not support at all (Debian 12's tmpfs, kernel 6.1,
-        refuses user.*; tmpfs takes them from 6.6 on) is named once, for its first member,
-        not for every file of the root. A malformed ACL (no mask entry) is EINVAL.
-        """
-        try:
-            os.setxattr(target, key, value, follow_symlinks=follow)
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise
-            if e.errno in (errno.EOPNOTSUPP, errno.ENOTSUP):
-                namespace = key.split(".", 1)[0]
-                if namespace in self._unsupported:
-                    return
-                self._unsupported.add(namespace)
-                key += f" (no {namespace}.* xattrs here: the others are skipped silently)"
-            refused.append(key)
+        self._xattrs.set(target, m, follow=follow)
 
     def _whiteout(self, parent: str, base: str, member: str) -> None:
         """OCI whiteouts delete what earlier layers wrote (not this layer's own entries)."""

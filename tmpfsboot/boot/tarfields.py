@@ -1,18 +1,25 @@
-"""Fields of tar headers and pax records: numbers, names, times, checksums and xattr
-records, each parsed in full, every invalid one an ArchiveError naming member and field.
-Pure functions over bytes, used by tarheader's HeaderParser."""
+"""Fields of tar headers and pax records: numbers, names, times, checksums, xattr
+records and sparse maps, each parsed in full, every invalid one an ArchiveError naming
+member and field. Pure functions over bytes, used by tarheader's HeaderParser."""
 
 from __future__ import annotations
 
 import base64
 import binascii
 import urllib.parse
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 from zlib import adler32
 
 from .errors import ArchiveError
 
+if TYPE_CHECKING:
+    from .tarheader import Member
+
 MAX_ID = (1 << 32) - 2  # uid/gid: (uid_t)-1 means "unchanged" to chown
 MAX_NUMBER = (1 << 62) - 1  # sizes, offsets, seconds: what off_t and time_t hold
+MAX_SPARSE_ENTRIES = 1 << 20
+BLOCK = 512
 
 
 def fail(name: str | bytes, what: str) -> ArchiveError:
@@ -185,3 +192,47 @@ def xattr_record(key: str, value: bytes, name: str) -> tuple[str, bytes]:
     if not xname or "\0" in xname:
         raise fail(name, f"pax {key!r} names no valid xattr")
     return xname, value
+
+
+def sparse_map(pairs: list[int], name: str, realsize: int) -> list[tuple[int, int]]:
+    """A GNU sparse map, PAIRS being its offsets and lengths in turn, checked against a
+    file of REALSIZE bytes: (offset, length) pieces in order."""
+    if len(pairs) % 2:
+        raise fail(name, "GNU.sparse map has an odd number of values")
+    result = []
+    last = 0
+    for i in range(0, len(pairs), 2):
+        offset, length = pairs[i], pairs[i + 1]
+        if offset < last or offset + length > realsize:
+            raise fail(name, f"sparse map entry {offset},{length} is out of order or range")
+        last = offset + length
+        result.append((offset, length))
+    return result
+
+
+def read_sparse_map(read: Callable[[int], bytes], member: Member) -> int:
+    """Read a pax 1.0 sparse map from the start of MEMBER's data; returns bytes read."""
+    buf = b""
+    numbers: list[int] = []
+    want = -1
+    while want < 0 or len(numbers) < want:
+        block = read(BLOCK)
+        if len(block) < BLOCK:
+            raise fail(member.name, "truncated archive inside the sparse map")
+        buf += block
+        lines = buf.split(b"\n")
+        numbers = []
+        for line in lines[:-1]:
+            if not line.isdigit():
+                raise fail(member.name, "corrupt sparse map")
+            numbers.append(int(line))
+        if numbers and want < 0:
+            want = 1 + 2 * numbers[0]
+            if numbers[0] > MAX_SPARSE_ENTRIES:
+                raise fail(member.name, "sparse map too large")
+        if len(buf) > member.size:
+            raise fail(member.name, "sparse map overruns the member")
+    member.sparse = sparse_map(numbers[1:want], member.name, member.realsize)
+    member.size -= len(buf)
+    member.sparse_map_in_data = False
+    return len(buf)

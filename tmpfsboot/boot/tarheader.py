@@ -22,10 +22,12 @@ from zlib import adler32
 
 from .errors import ArchiveError
 from .tarfields import (
+    BLOCK,
     CHECKSUM_ADLERS,
     FRACTION_SCALE,
     MAX_ID,
     MAX_NUMBER,
+    MAX_SPARSE_ENTRIES,
     checksum_adler,
     checksum_ok,
     cstr,
@@ -35,15 +37,14 @@ from .tarfields import (
     parse_pax_time,
     pax_decimal,
     pax_name,
+    sparse_map,
     verify_checksum,
     xattr_record,
 )
 from .tarstream import Reader
 
-BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 MAX_EXTENSION = 64 << 20  # the largest pax or long-name header we accept
-MAX_SPARSE_ENTRIES = 1 << 20
 
 
 class TypeFlag(bytes, enum.Enum):
@@ -150,7 +151,7 @@ class Member:
     SIZE is the number of data bytes that follow the header in the archive (0 for
     header-only kinds); SPARSE, when not None, maps those bytes to (offset, length)
     pieces of a file of REALSIZE bytes; SPARSE_MAP_BLOCKS says the map (pax 1.0) still
-    sits at the start of the data and must be read with `read_sparse_map` first.
+    sits at the start of the data and must be read with tarfields' `read_sparse_map` first.
     """
 
     name: str
@@ -168,48 +169,6 @@ class Member:
     sparse: list[tuple[int, int]] | None = None
     realsize: int = 0
     sparse_map_in_data: bool = False
-
-
-def _sparse_map(pairs: list[int], name: str, realsize: int) -> list[tuple[int, int]]:
-    if len(pairs) % 2:
-        raise fail(name, "GNU.sparse map has an odd number of values")
-    result = []
-    last = 0
-    for i in range(0, len(pairs), 2):
-        offset, length = pairs[i], pairs[i + 1]
-        if offset < last or offset + length > realsize:
-            raise fail(name, f"sparse map entry {offset},{length} is out of order or range")
-        last = offset + length
-        result.append((offset, length))
-    return result
-
-
-def read_sparse_map(read: Callable[[int], bytes], member: Member) -> int:
-    """Read a pax 1.0 sparse map from the start of MEMBER's data; returns bytes read."""
-    buf = b""
-    numbers: list[int] = []
-    want = -1
-    while want < 0 or len(numbers) < want:
-        block = read(BLOCK)
-        if len(block) < BLOCK:
-            raise fail(member.name, "truncated archive inside the sparse map")
-        buf += block
-        lines = buf.split(b"\n")
-        numbers = []
-        for line in lines[:-1]:
-            if not line.isdigit():
-                raise fail(member.name, "corrupt sparse map")
-            numbers.append(int(line))
-        if numbers and want < 0:
-            want = 1 + 2 * numbers[0]
-            if numbers[0] > MAX_SPARSE_ENTRIES:
-                raise fail(member.name, "sparse map too large")
-        if len(buf) > member.size:
-            raise fail(member.name, "sparse map overruns the member")
-    member.sparse = _sparse_map(numbers[1:want], member.name, member.realsize)
-    member.size -= len(buf)
-    member.sparse_map_in_data = False
-    return len(buf)
 
 
 class HeaderParser:
@@ -442,7 +401,7 @@ class HeaderParser:
             if len(ext) < BLOCK:
                 raise fail(m.name, "truncated archive inside the sparse extension headers")
             entries, extended = ext[0:504], ext[504]
-        m.sparse = _sparse_map(pairs, m.name, m.realsize)
+        m.sparse = sparse_map(pairs, m.name, m.realsize)
 
     def _apply_pax(self, m: Member, records: list[tuple[str, bytes]], flag: int) -> None:
         sparse_pairs: list[int] | None = None
@@ -488,7 +447,7 @@ class HeaderParser:
             if sparse_major == 1:
                 m.sparse_map_in_data = True
             else:
-                m.sparse = _sparse_map(sparse_pairs or [], m.name, m.realsize)
+                m.sparse = sparse_map(sparse_pairs or [], m.name, m.realsize)
 
     def _sparse_record(self, m: Member, key: str, value: bytes, pairs: list[int] | None,
                        major: int) -> tuple[list[int] | None, int]:
