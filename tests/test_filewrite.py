@@ -269,6 +269,8 @@ def test_tmpfs_writers_fetch_gives_the_serial_fetchs_tree(image_www: Path,
                 proc = fetch(f"{server.url}root.tar.zst", root, writers)
                 assert proc.returncode == 0, proc.stderr
                 snaps.append(snapshot_tree(root, strict=True))
+                # the layer's line says who wrote it
+                assert ("2 writer processes" in proc.stderr) == (writers == 2), proc.stderr
     assert len(snaps[1]) > 1500
     assert not diff_trees(snaps[0], snaps[1]), diff_trees(snaps[0], snaps[1])[:10]
 

@@ -119,6 +119,19 @@ def test_node_retries_after_503_and_boots(kernel: Path, initrd: Path, images: Im
     assert server.count("/base.tar.zst") == 1 and server.count("/common.tar.zst") == 1
 
 
+def test_writer_processes_write_the_first_layer_in_the_initramfs(kernel: Path, initrd: Path,
+                                                                 images: Images) -> None:
+    """tmpfs.writers=2: the first layer's small files are written by two processes forked
+    in the initramfs, as on a node with CPUs to spare, and the node boots."""
+    with start_server(images.dir, access_log=False) as server:
+        result = boot(kernel, initrd, server.port, f"root={images.root('base', 'common')}",
+                      "tmpfs.writers=2")
+    assert f"NONCE: {images.nonce}" in result.console, "\n".join(tmpfsboot_lines(result))
+    written = [line for line in tmpfsboot_lines(result) if "layer 1/2" in line
+               and "2 writer processes" in line]
+    assert written, "\n".join(tmpfsboot_lines(result))
+
+
 def test_invalid_rootsize_panics_naming_the_value(kernel: Path, initrd: Path,
                                                   images: Images) -> None:
     with start_server(images.dir, access_log=False) as server:

@@ -426,11 +426,12 @@ def _fetch_layers(run: _Run, sources: list[LayerSource], target: str,
                                              timeout=timeout, label=label)
             figures.update(url=result.url, bytes=result.size, requests=result.requests,
                            retries=budget.used - retries_before, members=stats.members,
-                           whiteouts=stats.whiteouts,
+                           whiteouts=stats.whiteouts, writers=stats.writers,
                            unpacked_bytes=stats.bytes, verified=source.sha256 is not None,
                            compression=how, kind=source.kind.value)
-            log.info("%s: %s in (%s), %d entries, %s unpacked%s", label,
+            log.info("%s: %s in (%s), %d entries, %s unpacked%s%s", label,
                      format_bytes(result.size), how, stats.members, format_bytes(stats.bytes),
+                     f", {stats.writers} writer processes" if stats.writers else "",
                      ", SHA-256 verified" if source.sha256 else "")
 
 

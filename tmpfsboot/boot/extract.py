@@ -54,6 +54,7 @@ class ExtractStats:
     files: int = 0
     bytes: int = 0
     whiteouts: int = 0
+    writers: int = 0  # worker processes that wrote small files beside the extractor
 
 
 def normalize_name(name: str) -> str:
@@ -190,6 +191,7 @@ class Extractor:
         self._pool = (WritePool.sized(self.writers, self._root_fd, _O_CREATE,
                                       busy=self.busy_cpus)
                       if not os.listdir(self._root_fd) else None)
+        stats.writers = self._pool.size if self._pool is not None else 0
         ok = False
         try:
             self._members(parser, reader, stats, label)

@@ -104,6 +104,11 @@ class WritePool:
             workers = min(cpus() - busy, MAX_WORKERS)
         return cls(workers, root_fd, create_flags) if workers > 0 else None
 
+    @property
+    def size(self) -> int:
+        """How many worker processes there are."""
+        return len(self._workers)
+
     def submit(self, rel: str, data: bytes | bytearray | memoryview, name: str, chown: bool,
                uid: int, gid: int, mode: int, mtime_ns: int) -> None:
         """Queue a new file at REL (relative to the root) with DATA and its metadata. DATA

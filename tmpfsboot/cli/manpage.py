@@ -41,7 +41,7 @@ CMDLINE_PARAMETERS: tuple[Row, ...] = (
     ("`tmpfs.timeout=SECONDS`", "a connection stalled this long counts as broken"),
     ("`tmpfs.writers=N`", "processes writing the first tar layer's small files beside the "
      "extracting one (default: one per CPU beyond two, the extractor's and the "
-     "decompressor's; `0`: none)"),
+     "decompressor's; `0`: none); the layer's log line names them (`2 writer processes`)"),
     ("`tmpfs.backoff=SECONDS`", f"first retry delay, doubled each time, jittered (default "
      f"{DEFAULT_BACKOFF:g}: the seed's 10-39 s); a server's `Retry-After` sets the delay "
      "instead. Pressing `x` while the boot waits opens a shell"),
