@@ -79,15 +79,6 @@ class Reader:
             have += take
         return b"".join(parts)
 
-    def take(self, n: int, pad: int, name: str) -> bytearray:
-        """A copy of the next N bytes, then PAD bytes skipped; N + PAD must fit in the
-        buffer. ArchiveError naming member NAME if the stream ends first."""
-        if self.end - self.pos < n + pad and self.ensure(n + pad) < n + pad:
-            raise ArchiveError(f"truncated archive: the stream ended inside {name!r}")
-        pos = self.pos
-        self.pos = pos + n + pad
-        return self.buf[pos : pos + n]
-
     def copy(self, fd: int, n: int, name: str, *, pad: int = 0) -> None:
         """Write the next N bytes to FD, then skip PAD bytes (a member's block padding)."""
         pos = self.pos
