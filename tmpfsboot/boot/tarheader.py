@@ -99,12 +99,11 @@ _OCTAL_OR_PAD = b"01234567 \0"
 # fraction. One match checks the fields of the blocks, one checksum each block, and they
 # give the same member `_general` gives for the same bytes (tests/test_tarfast.py);
 # anything else, odd or merely rarer, is left to `_general`. A member's header is matched
-# from its name to its magic: name, mode+uid+gid, size, mtime, checksum, typeflag, an
-# empty link name (its first byte a NUL, as `cstr` reads it).
-_FILE_FIELDS = (rb"([^\0]{1,100})\0*([0-7]{7}\0[0-7]{7}\0[0-7]{7})\0([0-7]{11})\0([0-7]{11})\0"
-                rb"([0-7]{6})\0 ([05])\0.{99}ustar\x0000")
+# from its name to its magic, every field at its place: the name (up to its first NUL, as
+# `cstr` reads it), mode+uid+gid, size, mtime, checksum, typeflag, an empty link name.
+_FILE_FIELDS = (rb"(?=([^\0]{1,100})).{100}([0-7]{7}\0[0-7]{7}\0[0-7]{7})\0([0-7]{11})\0"
+                rb"([0-7]{11})\0([0-7]{6})\0 ([05])\0.{99}ustar\x0000")
 _FILE_BLOCK = re.compile(_FILE_FIELDS, re.DOTALL)
-_MAGIC_END = 265  # where the magic and version end in a header block
 
 
 def _pax_mtime_and_file(length: int) -> re.Pattern[bytes]:
@@ -225,7 +224,7 @@ class HeaderParser:
                 key = buf[at + 133] << 8 | buf[at + 134]
                 match = pax_matchers.get(key) or _pax_matcher(key)
                 header = None if match is None else match(buf, at + 124)
-                if header is None or header.end() != at + 2 * BLOCK + _MAGIC_END:
+                if header is None:
                     break
                 (checksum, seconds, fraction, name, raw_ids, size_field, _, file_checksum,
                  flag) = header.groups()
@@ -239,7 +238,7 @@ class HeaderParser:
                 at += 2 * BLOCK
             else:
                 header = file_match(buf, at)
-                if header is None or header.end() != at + _MAGIC_END:
+                if header is None:
                     break
                 name, raw_ids, size_field, seconds, file_checksum, flag = header.groups()
                 mtime_ns = int(seconds, 8) * 1_000_000_000
