@@ -99,10 +99,11 @@ _OCTAL_OR_PAD = b"01234567 \0"
 # fraction. One match checks the fields of the blocks, one checksum each block, and they
 # give the same member `_general` gives for the same bytes (tests/test_tarfast.py);
 # anything else, odd or merely rarer, is left to `_general`. A member's header is matched
-# from its name to its magic, every field at its place: the name (up to its first NUL, as
-# `cstr` reads it), mode+uid+gid, size, mtime, checksum, typeflag, an empty link name.
+# from its name to its prefix, every field at its place: the name (up to its first NUL, as
+# `cstr` reads it), mode+uid+gid, size, mtime, checksum, typeflag, an empty link name,
+# the magic, and an empty prefix (owner names and device numbers are not read).
 _FILE_FIELDS = (rb"(?=([^\0]{1,100})).{100}([0-7]{7}\0[0-7]{7}\0[0-7]{7})\0([0-7]{11})\0"
-                rb"([0-7]{11})\0([0-7]{6})\0 ([05])\0.{99}ustar\x0000")
+                rb"([0-7]{11})\0([0-7]{6})\0 ([05])\0.{99}ustar\x0000.{80}\0")
 _FILE_BLOCK = re.compile(_FILE_FIELDS, re.DOTALL)
 
 
@@ -243,7 +244,7 @@ class HeaderParser:
                 name, raw_ids, size_field, seconds, file_checksum, flag = header.groups()
                 mtime_ns = int(seconds, 8) * 1_000_000_000
             block = buf[at : at + BLOCK]
-            if (buf[at + 345] or (flag == b"0" and name[-1] == 0x2F)
+            if ((flag == b"0" and name[-1] == 0x2F)
                     or (flag == b"5" and size_field != _ZERO_SIZE) or not block.isascii()
                     or adler32(block) & 0xFFFF
                     != (adlers.get(file_checksum) or checksum_adler(file_checksum))):
